@@ -1,0 +1,110 @@
+"""Shared model layers: a BatchNorm that exposes the statistics of its input.
+
+`BatchNorm` behaves like `torch.nn.BatchNorm2d` (running statistics in `batch_stats`,
+`mean` and `var`; affine `scale` and `bias` in `params`). In addition, when the
+`bn_stats` collection is mutable, it stores the per-sample statistics of its INPUT:
+
+    bn_stats[<layer path>] = {'mean': [B, C], 'var': [B, C]}
+
+(mean and biased variance over the spatial axes of each sample). The tree has the same
+structure as `batch_stats`, so alignment losses are `jax.tree.map`s over the two trees.
+`batch_moments` turns the per-sample tree into batch mean / biased variance ([C]),
+exactly as PyTorch's BN forward hooks in GDFQ/AdaDFQ/DSG-QAT compute them.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_STATS = "bn_stats"
+
+
+def _per_sample_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  x = x.astype(jnp.float32)
+  axes = tuple(range(1, x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
+  return mean, var
+
+
+def combine_moments(mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Batch mean and biased variance [C] from per-sample mean and biased var [B, C].
+
+  Law of total variance: Var = E_b[var_b] + E_b[(mean_b - mean)^2]. Exact when every
+  sample has the same number of spatial positions.
+  """
+  batch_mean = jnp.mean(mean, axis=0)
+  batch_var = jnp.mean(var, axis=0) + jnp.mean(jnp.square(mean - batch_mean), axis=0)
+  return batch_mean, batch_var
+
+
+def batch_moments(bn_stats):
+  """Maps a per-sample `bn_stats` tree to batch statistics with the same structure."""
+
+  def is_layer(node):
+    return isinstance(node, dict) and set(node) == {"mean", "var"}
+
+  def one(node):
+    mean, var = combine_moments(node["mean"], node["var"])
+    return {"mean": mean, "var": var}
+
+  return jax.tree.map(one, bn_stats, is_leaf=is_layer)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm over the last axis, PyTorch semantics, exposing its input statistics.
+
+  Attributes:
+    use_running_average: normalise with the running statistics (eval mode) if True,
+      else with the batch statistics (train mode).
+    momentum: PyTorch momentum of the running-statistics update (0.1 = torch default).
+    epsilon: added to the variance.
+    use_scale, use_bias: affine parameters (PyTorch `affine`).
+    axis_name: mapped axis for cross-device batch statistics in train mode.
+  """
+  use_running_average: bool = True
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  use_scale: bool = True
+  use_bias: bool = True
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    if self.is_mutable_collection(BN_STATS) and not self.is_initializing():
+      mean_b, var_b = _per_sample_moments(x)
+      self.put_variable(BN_STATS, "mean", mean_b)
+      self.put_variable(BN_STATS, "var", var_b)
+
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      xf = x.astype(jnp.float32)
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      sq = jnp.mean(jnp.square(xf), axis=axes)
+      if self.axis_name is not None:
+        mean, sq = jax.lax.pmean((mean, sq), self.axis_name)
+      # Centred second pass for accuracy (single device); E[x^2]-E[x]^2 across devices.
+      if self.axis_name is None:
+        var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      else:
+        var = jnp.maximum(sq - jnp.square(mean), 0.0)
+      if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+        n = x.size // channels
+        unbiased = var * n / max(n - 1, 1)
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean
+        ra_var.value = (1 - m) * ra_var.value + m * unbiased
+
+    y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
+    if self.use_scale:
+      y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32).astype(x.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(x.dtype)
+    return y

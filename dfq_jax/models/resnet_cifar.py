@@ -1,0 +1,89 @@
+"""CIFAR ResNets (He et al. 2016, §4.2): ResNet-20/32/44/56 (depth = 6n + 2).
+
+Two shortcut layouts:
+  'A' (akamaster/pytorch_resnet_cifar10): parameter-free; where the shape changes the
+      input is subsampled by 2 and zero-padded with planes // 4 channels on each side.
+      ResNet-20 has 19 BN layers.
+  'B' (pytorchcv resnet20_cifar10, the papers' teachers): 1x1 conv + BN projection where
+      the shape changes. ResNet-20 has 21 BN layers.
+
+Quantization (student): every conv and the classifier are `QConv`/`QDense`; a `QuantAct`
+follows every ReLU (after the stem, inside each block, after each residual sum). The
+input image is never quantized. Inputs are NHWC, normalised images.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dfq_jax.models.layers import BatchNorm
+from dfq_jax.quant.layers import QConv, QDense, QuantAct, QuantPolicy
+
+
+class BasicBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU."""
+  planes: int
+  stride: int = 1
+  shortcut: str = "A"
+  quant: QuantPolicy | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    bn = lambda name: BatchNorm(use_running_average=not train, name=name)
+    s = (self.stride, self.stride)
+    out = QConv(self.planes, (3, 3), s, quant=self.quant, name="conv1")(x)
+    out = nn.relu(bn("bn1")(out))
+    out = QuantAct(self.quant, name="act1")(out)
+    out = QConv(self.planes, (3, 3), quant=self.quant, name="conv2")(out)
+    out = bn("bn2")(out)
+    in_planes = x.shape[-1]
+    if self.stride != 1 or in_planes != self.planes:
+      if self.shortcut == "A":
+        pad = self.planes // 4
+        x = x[:, ::2, ::2, :]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, self.planes - in_planes - pad)))
+      else:
+        x = QConv(self.planes, (1, 1), s, padding="VALID", quant=self.quant,
+                  name="shortcut_conv")(x)
+        x = bn("shortcut_bn")(x)
+    out = nn.relu(out + x)
+    return QuantAct(self.quant, name="act2")(out)
+
+
+class ResNetCifar(nn.Module):
+  """CIFAR ResNet of depth 6n+2 with widths (w, 2w, 4w).
+
+  Attributes:
+    depth: 20, 32, 44, 56, ... (6n + 2); 8 gives one block per stage.
+    num_classes: classifier outputs.
+    shortcut: 'A' (akamaster) or 'B' (pytorchcv).
+    width: channels of the first stage (16 in the papers).
+    quant: None for the full-precision teacher, a QuantPolicy for the student.
+  """
+  depth: int = 20
+  num_classes: int = 10
+  shortcut: str = "A"
+  width: int = 16
+  quant: QuantPolicy | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Args: x [B, H, W, C] normalised images. Returns logits [B, num_classes]."""
+    if (self.depth - 2) % 6:
+      raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56); got {self.depth}.")
+    if self.shortcut not in ("A", "B"):
+      raise ValueError(f"shortcut must be 'A' or 'B'; got {self.shortcut!r}.")
+    n = (self.depth - 2) // 6
+    x = QConv(self.width, (3, 3), quant=self.quant, role="first", name="conv1")(x)
+    x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
+    x = QuantAct(self.quant, name="act1")(x)
+    for stage in range(3):
+      planes = self.width * 2**stage
+      for block in range(n):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(planes, stride, self.shortcut, self.quant,
+                       name=f"layer{stage + 1}_{block}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return QDense(self.num_classes, quant=self.quant, role="last", name="linear")(x)

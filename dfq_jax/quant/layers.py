@@ -1,0 +1,232 @@
+"""Flax linen layers that fake-quantize: QConv, QDense, QuantAct, and the QuantPolicy.
+
+One model definition serves the full-precision teacher and the quantized student: every
+conv/dense of a model is a `QConv`/`QDense` and every ReLU/ReLU6 is followed by a
+`QuantAct`. With `quant=None` (the teacher) they are plain conv/dense/identity layers;
+with a `QuantPolicy` they fake-quantize following the GDFQ-family convention
+(methods.md §2.3): per-output-channel min/max weights recomputed each call, per-tensor
+activation ranges kept in the `quant_stats` collection.
+
+Activation ranges update only when `quant_stats` is passed as mutable to `apply` (and not
+while initialising); pass it immutable to freeze them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dfq_jax.quant import numerics
+
+FULL_PRECISION = 32  # a bit-width meaning "leave this layer in full precision"
+
+
+def _check_layer_bits(bits, what):
+  if bits is None or bits == FULL_PRECISION:
+    return bits
+  return numerics.check_bits(bits, what)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPolicy:
+  """Which layers quantize, at which bit-width, and how activation ranges update.
+
+  Attributes:
+    w_bits: default weight bit-width of every conv/dense (2..8, or 32 for FP).
+    a_bits: default activation bit-width after every ReLU/ReLU6 (2..8, or 32).
+    first_bits: weight bits of the first conv (role 'first'); None = w_bits. The
+      GDFQ-family default quantizes it at w_bits; BRECQ-style papers use 8.
+    last_bits: weight bits of the classifier (role 'last'); None = w_bits.
+    rules: per-layer overrides, tuples (regex, w_bits, a_bits) matched with
+      `re.search` against the layer path ('layer1_0/conv1'); the first matching rule
+      wins; None in a rule means "keep the default"; 32 means full precision.
+    range_mode: 'parity' (GDFQ bias-corrected EMA), 'ema' (plain EMA) or 'minmax'.
+    range_decay: EMA decay beta (0.9 in the papers).
+    axis_name: mapped axis over which batch min/max are reduced (inside shard_map).
+  """
+  w_bits: int = 4
+  a_bits: int = 4
+  first_bits: int | None = None
+  last_bits: int | None = None
+  rules: tuple[tuple[str, int | None, int | None], ...] = ()
+  range_mode: str = "parity"
+  range_decay: float = 0.9
+  axis_name: str | None = None
+
+  def __post_init__(self):
+    _check_layer_bits(self.w_bits, "w_bits")
+    _check_layer_bits(self.a_bits, "a_bits")
+    _check_layer_bits(self.first_bits, "first_bits")
+    _check_layer_bits(self.last_bits, "last_bits")
+    for rule in self.rules:
+      if len(rule) != 3:
+        raise ValueError(f"quant rule {rule!r} must be (regex, w_bits, a_bits).")
+      try:
+        re.compile(rule[0])
+      except re.error as e:
+        raise ValueError(f"quant rule regex {rule[0]!r} does not compile: {e}") from e
+      _check_layer_bits(rule[1], f"w_bits of rule {rule[0]!r}")
+      _check_layer_bits(rule[2], f"a_bits of rule {rule[0]!r}")
+    if self.range_mode not in numerics.RANGE_MODES:
+      raise ValueError(f"range_mode={self.range_mode!r} is unknown: use one of "
+                       f"{numerics.RANGE_MODES}.")
+    if not 0.0 < self.range_decay < 1.0:
+      raise ValueError(f"range_decay={self.range_decay} must lie in (0, 1).")
+
+  def _rule(self, path: str, index: int):
+    for rule in self.rules:
+      if re.search(rule[0], path) and rule[index] is not None:
+        return rule[index]
+    return None
+
+  def weight_bits(self, path: str, role: str = "") -> int | None:
+    """Weight bit-width of the layer at `path`; None means full precision."""
+    bits = self._rule(path, 1)
+    if bits is None and role == "first" and self.first_bits is not None:
+      bits = self.first_bits
+    if bits is None and role == "last" and self.last_bits is not None:
+      bits = self.last_bits
+    if bits is None:
+      bits = self.w_bits
+    return None if bits == FULL_PRECISION else bits
+
+  def act_bits(self, path: str) -> int | None:
+    """Activation bit-width of the QuantAct at `path`; None means full precision."""
+    bits = self._rule(path, 2)
+    if bits is None:
+      bits = self.a_bits
+    return None if bits == FULL_PRECISION else bits
+
+  def describe(self) -> str:
+    """One-line summary for logs and results."""
+    parts = [f"W{self.w_bits}A{self.a_bits}"]
+    if self.first_bits is not None:
+      parts.append(f"first W{self.first_bits}")
+    if self.last_bits is not None:
+      parts.append(f"last W{self.last_bits}")
+    parts += [f"rule {r[0]}: W{r[1]} A{r[2]}" for r in self.rules]
+    parts.append(f"ranges {self.range_mode}")
+    return ", ".join(parts)
+
+
+def _layer_path(module: nn.Module) -> str:
+  return "/".join(module.scope.path)
+
+
+def torch_kernel_init(key, shape, dtype=jnp.float32):
+  """PyTorch's default conv/linear init, kaiming_uniform(a=√5) = U(±1/√fan_in)."""
+  fan_in = math.prod(shape[:-1])
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _torch_bias_init(fan_in):
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+class QConv(nn.Module):
+  """2-D convolution (NHWC, HWIO kernel) with optional per-channel weight fake quant.
+
+  Padding defaults to PyTorch's symmetric `k // 2` on each side (not 'SAME', which pads
+  asymmetrically at stride 2 and would break logit parity with PyTorch weights).
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = None
+  use_bias: bool = False
+  feature_group_count: int = 1
+  quant: QuantPolicy | None = None
+  role: str = ""
+  kernel_init: Any = torch_kernel_init
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    in_ch = x.shape[-1]
+    if in_ch % self.feature_group_count:
+      raise ValueError(f"{_layer_path(self)}: {in_ch} input channels not divisible "
+                       f"by {self.feature_group_count} groups.")
+    kernel = self.param("kernel", self.kernel_init,
+                        (kh, kw, in_ch // self.feature_group_count, self.features))
+    if self.quant is not None:
+      bits = self.quant.weight_bits(_layer_path(self), self.role)
+      if bits is not None:
+        kernel = numerics.quantize_weight(kernel, bits)
+    padding = self.padding
+    if padding is None:
+      padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+    dtype = self.dtype or x.dtype
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), window_strides=tuple(self.strides),
+        padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count)
+    y = y.astype(x.dtype)
+    if self.use_bias:
+      fan_in = kh * kw * in_ch // self.feature_group_count
+      y = y + self.param("bias", _torch_bias_init(fan_in), (self.features,))
+    return y
+
+
+class QDense(nn.Module):
+  """Dense layer ([in, out] kernel) with optional per-output-channel weight fake quant."""
+  features: int
+  use_bias: bool = True
+  quant: QuantPolicy | None = None
+  role: str = ""
+  kernel_init: Any = torch_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    if self.quant is not None:
+      bits = self.quant.weight_bits(_layer_path(self), self.role)
+      if bits is not None:
+        kernel = numerics.quantize_weight(kernel, bits)
+    y = x @ kernel
+    if self.use_bias:
+      y = y + self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+    return y
+
+
+class QuantAct(nn.Module):
+  """Per-tensor activation fake quantization with a range in `quant_stats`.
+
+  Variables (collection `quant_stats`): `x_min`, `x_max` (scalars, start at 0) and
+  `beta_t` (starts at 1 = never updated). With `quant=None` or a full-precision
+  activation this is the identity and creates no variables.
+  """
+  quant: QuantPolicy | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.quant is None:
+      return x
+    bits = self.quant.act_bits(_layer_path(self))
+    if bits is None:
+      return x
+    zeros = lambda: jnp.zeros((), jnp.float32)
+    x_min = self.variable("quant_stats", "x_min", zeros)
+    x_max = self.variable("quant_stats", "x_max", zeros)
+    beta_t = self.variable("quant_stats", "beta_t", lambda: jnp.ones((), jnp.float32))
+    if self.is_mutable_collection("quant_stats") and not self.is_initializing():
+      stop = jax.lax.stop_gradient
+      batch_min = stop(jnp.min(x)).astype(jnp.float32)
+      batch_max = stop(jnp.max(x)).astype(jnp.float32)
+      if self.quant.axis_name is not None:
+        batch_min = jax.lax.pmin(batch_min, self.quant.axis_name)
+        batch_max = jax.lax.pmax(batch_max, self.quant.axis_name)
+      x_min.value, x_max.value, beta_t.value = numerics.update_range(
+          x_min.value, x_max.value, beta_t.value, batch_min, batch_max,
+          mode=self.quant.range_mode, decay=self.quant.range_decay)
+    return numerics.fake_quant_ste(x, bits, x_min.value.astype(x.dtype),
+                                   x_max.value.astype(x.dtype))

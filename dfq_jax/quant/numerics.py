@@ -1,0 +1,134 @@
+"""Pure quantization numerics: asymmetric fake quantization, STE, range updates.
+
+Conventions: NHWC activations, HWIO conv kernels and [in, out] dense kernels, so the
+per-output-channel axis of every weight is the LAST one.
+
+The quantizer is the ZeroQ/GDFQ asymmetric uniform quantizer (methods.md §2.3), with the
+exact operation order of the original code and half-to-even rounding (`jnp.round`, like
+`torch.round`):
+
+    n  = 2**k - 1
+    s  = n / max(hi - lo, 1e-8)                 # inverse step
+    zp = round(s * lo) + 2**(k - 1)             # signed offset
+    q  = clip(round(s * x - zp), -2**(k-1), 2**(k-1) - 1)
+    x̂  = (q + zp) / s
+
+Because rounding is half-to-even, this is NOT the same as the commuted form
+`round(s*x) - round(s*lo)`; see the known-value tests in tests/quant/test_numerics.py.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MIN_BITS = 2
+MAX_BITS = 8
+RANGE_MODES = ("parity", "ema", "minmax")
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+  """Returns `bits` if it is a supported bit-width (2..8), else raises ValueError."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(
+        f"{what}={bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS} "
+        "(or leave the layer in full precision).")
+  return bits
+
+
+def asym_fake_quant(x: jax.Array, bits: int, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """Asymmetric uniform fake quantization with the GDFQ/ZeroQ op order (no STE).
+
+  Args:
+    x: any shape.
+    bits: bit-width k (static Python int).
+    lo, hi: range, broadcastable to `x` (per tensor: scalars; per channel: [C]).
+
+  Returns:
+    x̂ with the shape and dtype of `x`, on the grid Δ·(round(s·lo) + j), j = 0..2^k-1.
+  """
+  n = 2.0**bits - 1.0
+  half = 2.0**(bits - 1)
+  scale = n / jnp.maximum(hi - lo, 1e-8)
+  zero_point = jnp.round(scale * lo) + half
+  q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
+  return ((q + zero_point) / scale).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fake_quant_ste(x: jax.Array, bits: int, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """`asym_fake_quant` with the straight-through estimator of the original code.
+
+  Backward: the incoming gradient passes to `x` unchanged (no clipping mask, also
+  outside [lo, hi]); `lo` and `hi` get zero gradient.
+  """
+  return asym_fake_quant(x, bits, lo, hi)
+
+
+def _ste_fwd(x, bits, lo, hi):
+  return asym_fake_quant(x, bits, lo, hi), (lo, hi)
+
+
+def _ste_bwd(bits, residuals, g):
+  del bits
+  lo, hi = residuals
+  return g, jnp.zeros_like(lo), jnp.zeros_like(hi)
+
+
+fake_quant_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-output-channel (last axis) min and max of a kernel, without gradient.
+
+  Args:
+    w: kernel [..., C_out] (HWIO conv or [in, out] dense).
+  Returns:
+    (lo, hi), each of shape [C_out].
+  """
+  axes = tuple(range(w.ndim - 1))
+  w = jax.lax.stop_gradient(w)
+  return jnp.min(w, axis=axes), jnp.max(w, axis=axes)
+
+
+def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
+  """Per-output-channel min/max fake quantization of a kernel with STE (§2.3)."""
+  lo, hi = weight_range(w)
+  return fake_quant_ste(w, bits, lo, hi)
+
+
+def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
+                 batch_min: jax.Array, batch_max: jax.Array, *, mode: str = "parity",
+                 decay: float = 0.9) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One update of a per-tensor activation range.
+
+  State (x_min, x_max, beta_t) starts at (0, 0, 1); `beta_t == 1` means "never updated".
+
+  Modes:
+    parity: the GDFQ-family rule, bias correction applied to the already corrected
+      state (methods.md §2.3): beta_t <- beta_t*decay;
+      x <- (decay*x + (1-decay)*m) / (1-beta_t). Overshoots early, equals a plain EMA
+      after ~200 updates.
+    ema: a plain EMA initialised with the first batch: x <- decay*x + (1-decay)*m.
+    minmax: running min / max initialised with the first batch (ZeroQ calibration).
+
+  Returns:
+    The new (x_min, x_max, beta_t).
+  """
+  first = beta_t >= 1.0
+  new_beta_t = beta_t * decay
+  if mode == "parity":
+    corr = 1.0 - new_beta_t
+    lo = (decay * x_min + (1.0 - decay) * batch_min) / corr
+    hi = (decay * x_max + (1.0 - decay) * batch_max) / corr
+  elif mode == "ema":
+    lo = jnp.where(first, batch_min, decay * x_min + (1.0 - decay) * batch_min)
+    hi = jnp.where(first, batch_max, decay * x_max + (1.0 - decay) * batch_max)
+  elif mode == "minmax":
+    lo = jnp.where(first, batch_min, jnp.minimum(x_min, batch_min))
+    hi = jnp.where(first, batch_max, jnp.maximum(x_max, batch_max))
+  else:
+    raise ValueError(f"range mode {mode!r} is unknown: use one of {RANGE_MODES}.")
+  return lo, hi, new_beta_t
