@@ -1,0 +1,127 @@
+"""The GDFQ conditional generators (Xu et al., ECCV 2020; methods.md §2.2).
+
+Shared by GDFQ, DSG-QAT and AdaDFQ. The generator is always in train mode: every BN
+normalises with the statistics of the current batch (its running statistics are never
+read, so they are not updated).
+
+CIFAR form (`GeneratorCifar`), latent d, image S, init size S/4:
+  h = Embed(y) * z -> Linear(d, 128*(S/4)^2) -> BN(128)
+  -> up x2 -> Conv3x3(128,128) -> BN(128, eps=0.8) -> LeakyReLU(0.2)
+  -> up x2 -> Conv3x3(128,64) -> BN(64, eps=0.8) -> LeakyReLU(0.2)
+  -> Conv3x3(64, C) -> tanh -> BN(C, affine=False)
+ImageNet form (`GeneratorImagenet`): no label embedding on z; the BNs are class-
+conditional (CCBN: affine-free BN, then per-class scale/shift from embeddings).
+
+The eps=0.8 reproduces the original code, where 0.8 was passed positionally to
+BatchNorm2d's eps (`bn_eps` attribute; 1e-5 is the intended value).
+Initialisation follows PyTorch defaults (conv/linear U(±1/sqrt(fan_in)), embeddings
+N(0, 1)). Output: NHWC images, each channel standardised over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dfq_jax.models.layers import BatchNorm
+from dfq_jax.quant.layers import QConv, QDense
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour x2 upsampling of NHWC images."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class CondBatchNorm(nn.Module):
+  """Categorical conditional BN: affine-free BN, then scale[y] and shift[y]."""
+  num_classes: int
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, labels: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    x = BatchNorm(use_running_average=False, epsilon=self.epsilon, use_scale=False,
+                  use_bias=False, name="bn")(x)
+    scale = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.ones,
+                     name="scale")(labels)
+    shift = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.zeros,
+                     name="shift")(labels)
+    return x * scale[:, None, None, :] + shift[:, None, None, :]
+
+
+class GeneratorCifar(nn.Module):
+  """Label-conditional DCGAN-style generator for small images (CIFAR, digits).
+
+  Attributes:
+    num_classes: label count.
+    image_size: output side S (divisible by 4).
+    channels: output channels.
+    latent_dim: z dimension (100 in GDFQ/DSG/AdaDFQ).
+    width: channels of the first feature map (128).
+    bn_eps: eps of the two inner BNs (0.8 = original code).
+    dtype: compute dtype of the convolutions (None = float32).
+  """
+  num_classes: int = 10
+  image_size: int = 32
+  channels: int = 3
+  latent_dim: int = 100
+  width: int = 128
+  bn_eps: float = 0.8
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
+    """Args: z [B, latent_dim], labels [B] int. Returns images [B, S, S, channels]."""
+    if self.image_size % 4:
+      raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
+    s0 = self.image_size // 4
+    emb = nn.Embed(self.num_classes, self.latent_dim,
+                   embedding_init=nn.initializers.normal(1.0), name="label_emb")(labels)
+    h = QDense(self.width * s0 * s0, name="l1")(emb * z)
+    h = h.reshape(z.shape[0], s0, s0, self.width)
+    bn = lambda eps, name, **kw: BatchNorm(use_running_average=False, epsilon=eps,
+                                           name=name, **kw)
+    h = bn(1e-5, "bn0")(h)
+    h = upsample_nearest_2x(h)
+    h = QConv(self.width, (3, 3), use_bias=True, dtype=self.dtype, name="conv1")(h)
+    h = nn.leaky_relu(bn(self.bn_eps, "bn1")(h), 0.2)
+    h = upsample_nearest_2x(h)
+    h = QConv(self.width // 2, (3, 3), use_bias=True, dtype=self.dtype, name="conv2")(h)
+    h = nn.leaky_relu(bn(self.bn_eps, "bn2")(h), 0.2)
+    h = QConv(self.channels, (3, 3), use_bias=True, dtype=self.dtype, name="conv3")(h)
+    h = jnp.tanh(h)
+    return bn(1e-5, "bn_out", use_scale=False, use_bias=False)(h)
+
+
+class GeneratorImagenet(nn.Module):
+  """GDFQ's ImageNet generator (224x224) with class-conditional BN (1000 classes)."""
+  num_classes: int = 1000
+  image_size: int = 224
+  channels: int = 3
+  latent_dim: int = 100
+  width: int = 128
+  bn_eps: float = 0.8
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
+    """Args: z [B, latent_dim], labels [B] int. Returns images [B, S, S, channels]."""
+    if self.image_size % 4:
+      raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
+    s0 = self.image_size // 4
+    h = QDense(self.width * s0 * s0, name="l1")(z)
+    h = h.reshape(z.shape[0], s0, s0, self.width)
+    h = CondBatchNorm(self.num_classes, name="bn0")(h, labels)
+    h = upsample_nearest_2x(h)
+    h = QConv(self.width, (3, 3), use_bias=True, dtype=self.dtype, name="conv1")(h)
+    h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn1")(h, labels), 0.2)
+    h = upsample_nearest_2x(h)
+    h = QConv(self.width // 2, (3, 3), use_bias=True, dtype=self.dtype, name="conv2")(h)
+    h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn2")(h, labels), 0.2)
+    h = QConv(self.channels, (3, 3), use_bias=True, dtype=self.dtype, name="conv3")(h)
+    h = jnp.tanh(h)
+    return BatchNorm(use_running_average=False, use_scale=False, use_bias=False,
+                     name="bn_out")(h)
