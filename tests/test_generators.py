@@ -22,7 +22,7 @@ def test_cifar_generator_shape_and_output_standardised():
   # Last BN has no affine: each colour channel has batch mean 0 and variance 1.
   np.testing.assert_allclose(jnp.mean(x, axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(jnp.var(x, axis=(0, 1, 2)), 1.0, atol=5e-3)  # var/(var+eps)
-  assert "scale" not in v["params"]["bn_out"]
+  assert "bn_out" not in v["params"]  # affine-free
   # PyTorch-style init: linear U(±1/sqrt(100)), label embedding N(0, 1).
   k = v["params"]["l1"]["kernel"]
   assert k.shape == (100, 128 * 8 * 8) and float(jnp.max(jnp.abs(k))) <= 0.1
