@@ -1,8 +1,8 @@
 """The GDFQ conditional generators (Xu et al., ECCV 2020; methods.md §2.2).
 
 Shared by GDFQ, DSG-QAT and AdaDFQ. The generator is always in train mode: every BN
-normalises with the statistics of the current batch (its running statistics are never
-read, so they are not updated).
+normalises with the statistics of the current batch (the original code's running
+statistics are never read, so they are not kept).
 
 CIFAR form (`GeneratorCifar`), latent d, image S, init size S/4:
   h = Embed(y) * z -> Linear(d, 128*(S/4)^2) -> BN(128)
@@ -44,7 +44,7 @@ class CondBatchNorm(nn.Module):
   def __call__(self, x: jax.Array, labels: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     x = BatchNorm(use_running_average=False, epsilon=self.epsilon, use_scale=False,
-                  use_bias=False, name="bn")(x)
+                  use_bias=False, track_running_stats=False, name="bn")(x)
     scale = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.ones,
                      name="scale")(labels)
     shift = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.zeros,
@@ -83,7 +83,7 @@ class GeneratorCifar(nn.Module):
     h = QDense(self.width * s0 * s0, name="l1")(emb * z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
     bn = lambda eps, name, **kw: BatchNorm(use_running_average=False, epsilon=eps,
-                                           name=name, **kw)
+                                           track_running_stats=False, name=name, **kw)
     h = bn(1e-5, "bn0")(h)
     h = upsample_nearest_2x(h)
     h = QConv(self.width, (3, 3), use_bias=True, dtype=self.dtype, name="conv1")(h)
@@ -124,4 +124,4 @@ class GeneratorImagenet(nn.Module):
     h = QConv(self.channels, (3, 3), use_bias=True, dtype=self.dtype, name="conv3")(h)
     h = jnp.tanh(h)
     return BatchNorm(use_running_average=False, use_scale=False, use_bias=False,
-                     name="bn_out")(h)
+                     track_running_stats=False, name="bn_out")(h)

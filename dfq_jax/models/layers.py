@@ -62,6 +62,8 @@ class BatchNorm(nn.Module):
     momentum: PyTorch momentum of the running-statistics update (0.1 = torch default).
     epsilon: added to the variance.
     use_scale, use_bias: affine parameters (PyTorch `affine`).
+    track_running_stats: keep running statistics in `batch_stats` (PyTorch's flag);
+      False for layers that only ever run in train mode (the generators).
     axis_name: mapped axis for cross-device batch statistics in train mode.
   """
   use_running_average: bool = True
@@ -69,13 +71,17 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   use_scale: bool = True
   use_bias: bool = True
+  track_running_stats: bool = True
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    if self.track_running_stats:
+      ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+      ra_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+    elif self.use_running_average:
+      raise ValueError("BatchNorm without running statistics must run in train mode.")
     if self.is_mutable_collection(BN_STATS) and not self.is_initializing():
       mean_b, var_b = _per_sample_moments(x)
       self.put_variable(BN_STATS, "mean", mean_b)
@@ -95,7 +101,8 @@ class BatchNorm(nn.Module):
         var = jnp.mean(jnp.square(xf - mean), axis=axes)
       else:
         var = jnp.maximum(sq - jnp.square(mean), 0.0)
-      if self.is_mutable_collection("batch_stats") and not self.is_initializing():
+      if (self.track_running_stats and self.is_mutable_collection("batch_stats")
+          and not self.is_initializing()):
         n = x.size // channels
         unbiased = var * n / max(n - 1, 1)
         m = self.momentum

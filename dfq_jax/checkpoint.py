@@ -1,0 +1,52 @@
+"""Orbax checkpoints of the training state (never the teacher).
+
+Only complete checkpoints are restored: orbax writes each step to a temporary directory
+and renames it when complete, so a run killed during a write leaves the previous
+checkpoints intact and the partial one is ignored.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """Latest-N checkpoints of a state pytree in `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, keep: int = 3, subdir: str = "checkpoints"):
+    self.directory = os.path.abspath(os.path.join(workdir, subdir))
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, *, wait: bool = False) -> None:
+    self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+    if wait:
+      self.manager.wait_until_finished()
+
+  def restore(self, abstract_state, step: int | None = None):
+    """Restores `step` (default: latest) into the structure/shardings of `abstract_state`."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) of a concrete pytree, for `restore`."""
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      tree)

@@ -1,0 +1,150 @@
+"""Shared defaults of every dfq_jax config file (configs/*.py) and its argument parser.
+
+A config file's `get_config(arg)` calls `base_config()`, then `apply_args(config, arg)`
+with its own dataset/model/paper defaults. Arguments after `:`:
+  method:  gdfq | dsg | adadfq | eval | dsg_ptq | zeroq_ptq
+  bits:    wXaY (X, Y in 2..8), e.g. w4a4, w3a3, w8a8
+  parity   reproduce the original code's quirks (methods.md §7)
+  key=value  any other top-level string argument known to the file (e.g. teacher=pytorchcv)
+Everything is also overridable on the command line: --config.key=value.
+"""
+
+from __future__ import annotations
+
+import re
+
+import ml_collections
+
+METHODS = ("gdfq", "dsg", "adadfq", "eval", "dsg_ptq", "zeroq_ptq")
+_BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults shared by all configs (the CIFAR ResNet-20 GDFQ-family settings)."""
+  c = ml_collections.ConfigDict()
+  c.method = "gdfq"
+  c.seed = 0
+  c.parity = False          # original-code quirks everywhere (see README, methods.md §7)
+  c.num_classes = 10
+  c.image_size = 32
+  c.channels = 3
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.model = "resnet20_cifar"
+  c.teacher.shortcut = "A"        # CIFAR ResNets: 'A' akamaster, 'B' pytorchcv
+  c.teacher.weights = ""          # PyTorch checkpoint file or converted orbax directory
+  c.teacher.layout = "akamaster"  # akamaster | pytorchcv | torchvision | demo
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "imagefolder"   # imagefolder | tfds | digits
+  c.data.root = ""                # imagefolder: <root>/<split>/<class>/*.jpg
+  c.data.data_dir = ""            # tfds: prepared datasets directory
+  c.data.name = "cifar10"         # tfds dataset name
+  c.data.split = "test"
+  c.data.preprocessing = "cifar"  # cifar (fixed size) | imagenet (resize 256, crop 224)
+  c.data.normalization = "imagenet"  # preset name of mean/std (the model's training one)
+  c.data.cache_dir = ""           # where decoded arrays may be cached ('' = no cache)
+  c.data.limit = 0                # evaluate on the first N images only (0 = all)
+  c.data.eval_batch_size = 500
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.w_bits = 4
+  c.quant.a_bits = 4
+  c.quant.first_bits = 0          # 0 = same as w_bits (GDFQ family); 8 = BRECQ style
+  c.quant.last_bits = 0
+  c.quant.rules = ""              # "regex=wXaY;regex2=w8" per-layer overrides (32 = FP)
+  c.quant.range_mode = "parity"   # parity (GDFQ bias-corrected EMA) | ema | minmax
+
+  # Activation-range calibration of the no-training floor (method eval, and
+  # quant_top1_before of the training methods).
+  c.calib = ml_collections.ConfigDict()
+  c.calib.source = "noise"        # noise (N(0,1) images: data-free) | real (eval images)
+  c.calib.batch_size = 256
+  c.calib.batches = 1
+
+  c.generator = ml_collections.ConfigDict()
+  c.generator.name = "cifar"
+  c.generator.latent_dim = 100
+  c.generator.width = 128
+  c.generator.bn_eps = 0.8        # original-code slip (eps, not momentum); 1e-5 intended
+  c.generator.lr = 1e-3
+  c.generator.b1 = 0.5
+  c.generator.b2 = 0.999
+  c.generator.milestones = (100, 200, 300)  # epochs; lr x0.1 at each
+
+  c.student = ml_collections.ConfigDict()
+  c.student.lr = 1e-4
+  c.student.momentum = 0.9
+  c.student.nesterov = True
+  c.student.weight_decay = 1e-4
+  c.student.milestones = (100, 200, 300)
+
+  c.batch_size = 16
+  c.epochs = 400
+  c.iters_per_epoch = 200
+  c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled
+  c.warmup_epochs = 4             # student frozen (generator only)
+  c.range_update_epochs = 4       # activation ranges update, then freeze
+  c.min_range_updates = 200       # floor on range updates when total_steps shortens a run
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 1000       # evaluation of the student on the real eval set
+  c.ckpt_every_steps = 500
+  c.sample_every_steps = 1000     # PNG grids of generated samples (0 = never)
+  c.keep_checkpoints = 3
+
+  c.gdfq = ml_collections.ConfigDict()
+  c.gdfq.bns_weight = 0.1
+  c.gdfq.kd_temperature = 20.0
+  c.gdfq.kd_alpha = 1.0
+  c.gdfq.kd_reduction = "batchmean"   # parity: elementwise_mean (nn.KLDivLoss default)
+
+  c.dsg = ml_collections.ConfigDict()
+  c.dsg.sda_weight = 0.1
+  c.dsg.margin_percentile = 30.0
+  c.dsg.two_sided = False             # parity: True (QAT code |(|gap|-m)|)
+  c.dsg.lse = "sample"                # sample (b -> layer b mod L) | channel (QAT code) | off
+  c.dsg.lse_factor = 2.0
+  c.dsg.sci = "differentiable"        # differentiable | logged (parity: no gradient) | off
+  c.dsg.sci_weight = 0.0              # 0 = 1/L (the code's weight)
+
+  c.adadfq = ml_collections.ConfigDict()
+  c.adadfq.lambda_l = 0.1
+  c.adadfq.lambda_u = 0.8
+  c.adadfq.alpha_ds = 0.2
+  c.adadfq.alpha_as = 0.1
+  c.adadfq.beta = 1.0
+  c.adadfq.gamma = 1.0
+  c.adadfq.temperature = 20.0
+  return c
+
+
+def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
+  """Splits 'adadfq,w4a4,teacher=pytorchcv' into (['adadfq', 'w4a4'], {'teacher': ...})."""
+  flags, kv = [], {}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      k, v = part.split("=", 1)
+      kv[k.strip()] = v.strip()
+    else:
+      flags.append(part)
+  return flags, kv
+
+
+def apply_flags(config: ml_collections.ConfigDict, flags: list[str]) -> None:
+  """Applies method / bits / parity flags in place; raises on an unknown flag."""
+  for flag in flags:
+    m = _BITS_RE.match(flag)
+    if flag in METHODS:
+      config.method = flag
+    elif m:
+      config.quant.w_bits, config.quant.a_bits = int(m.group(1)), int(m.group(2))
+    elif flag == "parity":
+      config.parity = True
+    else:
+      raise ValueError(
+          f"config argument {flag!r} is unknown: use a method ({', '.join(METHODS)}), "
+          "bits like w4a4, 'parity', or key=value.")

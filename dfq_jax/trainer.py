@@ -1,0 +1,329 @@
+"""The one trainer shared by GDFQ, DSG and AdaDFQ (methods.md §2.1).
+
+Each iteration, inside ONE jitted function over explicit pytrees (state donated):
+  z ~ N(0, I), y ~ U{0..C-1}    drawn on device from fold_in(seed key, step)
+  x = G(z, y)                   teacher logits + BN input statistics (bn_stats pytree)
+  generator step                method.generator_loss -> Adam on G's parameters only
+  student step                  on the SAME batch, detached: method.student_loss ->
+                                SGD-Nesterov on the student (skipped during warm-up)
+Activation ranges of the student update in every student forward while
+step < range_freeze_step, then stay frozen. Methods differ only in their pure loss
+functions (dfq_jax/methods/*).
+
+State (checkpointed): {'step', 'rng', 'gen': {'params', 'opt'},
+  'student': {'params', 'batch_stats', 'quant_stats', 'opt'}, 'best_top1', 'best_step'}.
+The teacher's variables are a separate, non-donated argument and never checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dfq_jax import schedule as schedule_lib
+
+
+@dataclasses.dataclass
+class Models:
+  """The three networks of a run and the teacher's (frozen) variables."""
+  teacher: nn.Module
+  student: nn.Module
+  generator: nn.Module
+  teacher_vars: dict
+  num_classes: int
+  image_shape: tuple[int, int, int]   # H, W, C
+  latent_dim: int
+
+
+def _optimizers(config):
+  gen_tx = optax.scale_by_adam(b1=config.generator.b1, b2=config.generator.b2)
+  stu_tx = optax.chain(
+      optax.add_decayed_weights(config.student.weight_decay),
+      optax.trace(decay=config.student.momentum, nesterov=config.student.nesterov))
+  return gen_tx, stu_tx
+
+
+def init_state(config, models: Models, key: jax.Array) -> dict:
+  """Fresh training state: a new generator, the student initialised from the teacher."""
+  k_gen, k_stu = jax.random.split(jax.random.fold_in(key, 1))
+  z = jnp.zeros((2, models.latent_dim), jnp.float32)
+  y = jnp.zeros((2,), jnp.int32)
+  gen_params = models.generator.init(k_gen, z, y)["params"]
+  x = jnp.zeros((2, *models.image_shape), jnp.float32)
+  stu_vars = models.student.init(k_stu, x)
+  student_params = jax.tree.map(jnp.copy, models.teacher_vars["params"])
+  gen_tx, stu_tx = _optimizers(config)
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(key),
+      "gen": {"params": gen_params, "opt": gen_tx.init(gen_params)},
+      "student": {
+          "params": student_params,
+          "batch_stats": jax.tree.map(jnp.copy, models.teacher_vars["batch_stats"]),
+          "quant_stats": stu_vars.get("quant_stats", {}),
+          "opt": stu_tx.init(student_params),
+      },
+      "best_top1": jnp.full((), -1.0, jnp.float32),
+      "best_step": jnp.full((), -1, jnp.int32),
+  }
+
+
+def sample_latents(key: jax.Array, batch: int, latent_dim: int, num_classes: int):
+  """z [B, latent] ~ N(0, I) and labels [B] ~ U{0..C-1} for one iteration."""
+  kz, ky = jax.random.split(key)
+  return (jax.random.normal(kz, (batch, latent_dim), jnp.float32),
+          jax.random.randint(ky, (batch,), 0, num_classes, jnp.int32))
+
+
+def _select(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
+def make_train_step(config, models: Models, method, timeline: schedule_lib.Timeline,
+                    mesh: jax.sharding.Mesh) -> Callable[..., Any]:
+  """Returns `step(state, teacher_vars, constants, train_student: static) -> (state, metrics)`."""
+  gen_tx, stu_tx = _optimizers(config)
+  batch = config.batch_size
+  data_sharding = NamedSharding(mesh, P("data"))
+  hp = method.hparams(config)
+
+  def student_vars(st, params, quant_stats):
+    return {"params": params, "batch_stats": st["batch_stats"], "quant_stats": quant_stats}
+
+  def step_fn(state, teacher_vars, constants, train_student):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    k_latent, k_loss = jax.random.split(key)
+    z, labels = sample_latents(k_latent, batch, models.latent_dim, models.num_classes)
+    z = jax.lax.with_sharding_constraint(z, data_sharding)
+    labels = jax.lax.with_sharding_constraint(labels, data_sharding)
+    update_ranges = step < timeline.range_freeze_step
+    st = state["student"]
+
+    def student_forward(params, quant_stats, images):
+      logits, upd = models.student.apply(student_vars(st, params, quant_stats), images,
+                                         mutable=["quant_stats"])
+      new_qs = _select(update_ranges, upd["quant_stats"], quant_stats)
+      return logits, new_qs
+
+    # ---- generator step -------------------------------------------------------
+    def gen_loss_fn(gen_params):
+      images = models.generator.apply({"params": gen_params}, z, labels)
+      t_logits, t_vars = models.teacher.apply(teacher_vars, images, mutable=["bn_stats"])
+      s_logits, quant_stats = None, st["quant_stats"]
+      if method.USES_STUDENT_IN_GENERATOR_LOSS:
+        s_logits, quant_stats = student_forward(st["params"], st["quant_stats"], images)
+      loss, terms = method.generator_loss(
+          hp, images=images, labels=labels, teacher_logits=t_logits,
+          bn_stats=t_vars["bn_stats"], running_stats=teacher_vars["batch_stats"],
+          student_logits=s_logits, constants=constants, key=k_loss)
+      return loss, (terms, images, t_logits, quant_stats)
+
+    (g_loss, (g_terms, images, t_logits, quant_stats)), g_grads = jax.value_and_grad(
+        gen_loss_fn, has_aux=True)(state["gen"]["params"])
+    lr_g = schedule_lib.multistep_lr(config.generator.lr, step, timeline.generator_milestones)
+    g_updates, g_opt = gen_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
+    gen_params = jax.tree.map(lambda p, u: p - lr_g * u, state["gen"]["params"], g_updates)
+
+    # ---- student step on the same, detached batch -----------------------------
+    images = jax.lax.stop_gradient(images)
+    t_logits = jax.lax.stop_gradient(t_logits)
+
+    def stu_loss_fn(params):
+      s_logits, new_qs = student_forward(params, quant_stats, images)
+      loss, terms = method.student_loss(hp, student_logits=s_logits, teacher_logits=t_logits,
+                                        labels=labels)
+      return loss, (terms, new_qs)
+
+    lr_q = schedule_lib.multistep_lr(config.student.lr, step, timeline.student_milestones)
+    if train_student:
+      (s_loss, (s_terms, new_qs)), s_grads = jax.value_and_grad(
+          stu_loss_fn, has_aux=True)(st["params"])
+      s_updates, s_opt = stu_tx.update(s_grads, st["opt"], st["params"])
+      s_params = jax.tree.map(lambda p, u: p - lr_q * u, st["params"], s_updates)
+    else:
+      s_loss, (s_terms, new_qs) = stu_loss_fn(st["params"])
+      s_params, s_opt = st["params"], st["opt"]
+
+    new_state = dict(state)
+    new_state["step"] = step + 1
+    new_state["gen"] = {"params": gen_params, "opt": g_opt}
+    new_state["student"] = {**st, "params": s_params, "opt": s_opt, "quant_stats": new_qs}
+    metrics = {"generator/loss": g_loss, "student/loss": s_loss, "lr/generator": lr_g,
+               "lr/student": lr_q * train_student}
+    metrics.update({f"generator/{k}": v for k, v in g_terms.items()})
+    metrics.update({f"student/{k}": v for k, v in s_terms.items()})
+    return new_state, metrics
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, static_argnums=(3,), donate_argnums=(0,),
+                 out_shardings=(replicated, replicated))
+
+
+def generate_samples(models: Models, gen_params, key, count: int):
+  """Images [count, H, W, C] from the generator for fixed z and labels 0..C-1 cycled."""
+  z, _ = sample_latents(key, count, models.latent_dim, models.num_classes)
+  labels = jnp.arange(count, dtype=jnp.int32) % models.num_classes
+  return models.generator.apply({"params": gen_params}, z, labels)
+
+
+def all_finite(tree) -> jax.Array:
+  """True iff every floating leaf of `tree` is finite (one device scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+class NonFiniteError(RuntimeError):
+  """A loss or parameter became NaN/Inf; the last good checkpoint is kept."""
+
+
+def check_finite(step: int, metrics: dict) -> None:
+  """Raises NonFiniteError naming the step and the first non-finite metric."""
+  for name, value in metrics.items():
+    if not np.isfinite(value):
+      raise NonFiniteError(
+          f"step {step}: {name} = {value}. The run stopped; the last checkpoint written "
+          "before this step is intact. Resume with the same --workdir after lowering the "
+          "learning rate (e.g. --config.generator.lr or --config.student.lr), or with "
+          "another --config.seed.")
+
+
+class Throughput:
+  """Images/s between two calls (wall clock)."""
+
+  def __init__(self):
+    self._t, self._step = time.perf_counter(), None
+
+  def rate(self, step: int, batch: int) -> float:
+    now = time.perf_counter()
+    rate = 0.0
+    if self._step is not None and step > self._step:
+      rate = (step - self._step) * batch / max(now - self._t, 1e-9)
+    self._t, self._step = now, step
+    return rate
+
+
+
+def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict], float],
+          normalization, log=print) -> dict:
+  """Runs (or resumes) the training loop; returns the training part of results.json.
+
+  Args:
+    config: the run's ConfigDict (validated).
+    workdir: checkpoints/, metrics.jsonl, tensorboard/, samples/ are written here.
+    models: teacher/student/generator and the teacher's variables.
+    evaluate_student: student variables {'params', 'batch_stats', 'quant_stats'} -> top-1 %.
+    normalization: the model's input Normalization (to de-normalise sample grids).
+    log: a print-like function for progress lines.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from dfq_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from dfq_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from dfq_jax import methods  # pylint: disable=g-import-not-at-top
+
+  method = methods.get_method(config.method)
+  timeline = schedule_lib.Timeline.from_config(config)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  root_key = jax.random.key(config.seed)
+
+  hp = method.hparams(config)
+
+  def teacher_bn_stats(x):
+    _, upd = models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])
+    return upd["bn_stats"]
+
+  constants = method.init_constants(hp, jax.jit(teacher_bn_stats),
+                                    models.teacher_vars["batch_stats"],
+                                    jax.random.fold_in(root_key, 2), models.image_shape)
+  teacher_vars = jax.device_put(models.teacher_vars, replicated)
+  constants = jax.device_put(constants, replicated)
+
+  state = jax.jit(lambda: init_state(config, models, root_key), out_shardings=replicated)()
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start = 0
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(checkpoint_lib.abstract_like(state))
+    start = int(state["step"])
+    log(f"Resumed from {ckpt.directory} at step {start}.")
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
+  step_fn = make_train_step(config, models, method, timeline, mesh)
+  sample_key = jax.random.fold_in(root_key, 3)
+  samples_dir = os.path.join(workdir, "samples")
+
+  def student_vars(st):
+    return {k: st[k] for k in ("params", "batch_stats", "quant_stats")}
+
+  def save(step):
+    if not bool(all_finite((state["gen"]["params"], state["student"]["params"]))):
+      raise NonFiniteError(f"step {step}: non-finite parameters; the checkpoint was not "
+                           "written and the last good one is intact. Resume after lowering "
+                           "the learning rate.")
+    ckpt.save(step, state)
+
+  log(f"{config.method} {models.student.quant.describe()}: {timeline.total_steps} steps "
+      f"(warm-up {timeline.warmup_steps}, ranges frozen at {timeline.range_freeze_step}, "
+      f"batch {config.batch_size}, {jax.device_count()} device(s)).")
+  throughput = Throughput()
+  t_start = time.perf_counter()
+  last_eval = None
+  bar = tqdm(total=timeline.total_steps, initial=start, unit="it", dynamic_ncols=True,
+             disable=not metrics_lib.is_writer(), mininterval=2.0)
+  try:
+    for step in range(start, timeline.total_steps):
+      train_student = step >= timeline.warmup_steps
+      state, metrics = step_fn(state, teacher_vars, constants, train_student)
+      done = step + 1
+      if done % config.log_every_steps == 0 or done == timeline.total_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(step, scalars)
+        scalars["images_per_s"] = throughput.rate(done, config.batch_size)
+        writer.write(done, scalars)
+        bar.set_postfix({"G": f"{scalars['generator/loss']:.3g}",
+                         "Q": f"{scalars['student/loss']:.3g}"}, refresh=False)
+      if config.sample_every_steps and done % config.sample_every_steps == 0 \
+          and metrics_lib.is_writer():
+        os.makedirs(samples_dir, exist_ok=True)
+        imgs = jax.device_get(generate_samples(models, state["gen"]["params"], sample_key,
+                                               min(64, 4 * models.num_classes)))
+        grid = metrics_lib.image_grid(imgs, normalization.mean, normalization.std,
+                                      columns=models.num_classes)
+        metrics_lib.save_png(os.path.join(samples_dir, f"step_{done:07d}.png"), grid,
+                             upscale=max(1, 64 // models.image_shape[0]))
+      if done % config.eval_every_steps == 0 or done == timeline.total_steps:
+        top1 = evaluate_student(student_vars(state["student"]))
+        last_eval = (done, top1)
+        if top1 > float(state["best_top1"]):
+          state["best_top1"] = jax.device_put(jnp.float32(top1), replicated)
+          state["best_step"] = jax.device_put(jnp.int32(done), replicated)
+        writer.write(done, {"eval/top1": top1})
+        bar.write(f"step {done}: student top-1 {top1:.2f} % (best {float(state['best_top1']):.2f})")
+      if done % config.ckpt_every_steps == 0 or done == timeline.total_steps:
+        save(done)
+      bar.update(1)
+  finally:
+    bar.close()
+    writer.close()
+    ckpt.close()
+  if last_eval is not None and last_eval[0] == timeline.total_steps:
+    final_top1 = last_eval[1]
+  else:  # resumed after the last step: evaluate the restored state
+    final_top1 = evaluate_student(student_vars(state["student"]))
+  return {
+      "final_top1": final_top1,
+      "best_top1": float(state["best_top1"]),
+      "best_step": int(state["best_step"]),
+      "steps": timeline.total_steps,
+      "train_wall_s": time.perf_counter() - t_start,
+      "best_is_test_selected": True,
+  }

@@ -1,0 +1,1 @@
+"""Tiny TFDS builders that pack local image files (tests only; no network)."""
