@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled
   c.warmup_epochs = 4             # student frozen (generator only)
   c.range_update_epochs = 4       # activation ranges update, then freeze
-  c.min_range_updates = 200       # floor on range updates when total_steps shortens a run
+  c.min_phase_steps = 200         # floor on warm-up and range updates in shortened runs
 
   c.log_every_steps = 50
   c.eval_every_steps = 1000       # evaluation of the student on the real eval set

@@ -3,10 +3,13 @@
 The papers count in epochs of 200 iterations (400 x 200). `--config.total_steps=N`
 shortens (or lengthens) a run: every epoch boundary (warm-up end, range freeze, learning
 rate milestones) is scaled by N / (epochs * iters_per_epoch) and rounded, so a short run
-keeps the shape of the paper's schedule. One exception: the activation ranges always get
-at least `min_range_updates` iterations (default 200) before they freeze, because the
-original bias-corrected EMA overshoots by up to ~3900x in its first updates and only
-settles after ~100-200 of them (methods.md §2.3); the paper schedule gives 800.
+keeps the shape of the paper's schedule. One exception: the two opening phases, the
+generator-only warm-up and the activation-range updates, always last at least
+`min_phase_steps` iterations (default 200; never more than the paper's own length):
+the original bias-corrected range EMA overshoots by up to ~3900x in its first updates and
+settles only after ~100-200 of them (methods.md §2.3), and a student trained on the
+samples of a generator that has had a handful of steps is pulled towards their (wrong)
+labels. The paper schedule gives 800 iterations to each phase.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ class Timeline:
     def at(epoch):
       return int(round(epoch * config.iters_per_epoch * scale))
 
+    def phase(epochs):
+      paper = epochs * config.iters_per_epoch
+      return min(int(total), max(at(epochs), min(config.min_phase_steps, paper)))
+
     return cls(total_steps=int(total),
-               warmup_steps=at(config.warmup_epochs),
-               range_freeze_step=min(int(total), max(at(config.range_update_epochs), min(
-                   config.min_range_updates, config.range_update_epochs *
-                   config.iters_per_epoch))),
+               warmup_steps=phase(config.warmup_epochs),
+               range_freeze_step=phase(config.range_update_epochs),
                generator_milestones=tuple(at(e) for e in config.generator.milestones),
                student_milestones=tuple(at(e) for e in config.student.milestones))
 
