@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny trained digits teacher and a tiny run config."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+  """A ResNet-8 trained for 3 epochs on the digits, saved as an orbax directory."""
+  from dfq_jax import demo
+  from dfq_jax.models import convert, get_model
+  model = get_model("resnet8_cifar", num_classes=10)
+  variables = demo.train_teacher(model, seed=0, epochs=3)
+  path = str(tmp_path_factory.mktemp("teacher") / "resnet8_digits")
+  convert.save_variables(variables, path)
+  return path
+
+
+def tiny_config(teacher_dir, method="gdfq", **overrides):
+  """The demo config shrunk to a few steps of a small generator on 64 eval images."""
+  from configs import demo as demo_config
+  c = demo_config.get_config(method)
+  c.teacher.layout = "orbax"
+  c.teacher.weights = teacher_dir
+  c.data.limit = 64
+  c.data.eval_batch_size = 64
+  c.calib.batch_size = 16
+  c.generator.width = 16
+  c.batch_size = 8
+  c.total_steps = 8
+  c.min_phase_steps = 2
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.ckpt_every_steps = 2
+  c.sample_every_steps = 4
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -1,0 +1,129 @@
+"""End-to-end tests of the shared trainer on a tiny configuration (digits, ResNet-8)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dfq_jax import checkpoint as checkpoint_lib
+from dfq_jax import run as run_lib
+from dfq_jax import trainer
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _restore_latest(workdir):
+  ckpt = checkpoint_lib.Checkpointer(workdir)
+  state = ckpt.manager.restore(ckpt.latest_step())
+  ckpt.close()
+  return state
+
+
+@pytest.mark.parametrize("method", ["gdfq", "dsg", "adadfq"])
+def test_each_method_trains_and_writes_outputs(tiny_teacher_dir, tmp_path, method):
+  workdir = str(tmp_path / method)
+  results = run_lib.run(tiny_config(tiny_teacher_dir, method), workdir, log=lambda *a: None)
+  for key in ("fp_top1", "quant_top1_before", "final_top1", "best_top1", "best_step",
+              "method", "bits", "steps", "wall_s"):
+    assert key in results, key
+  assert results["method"] == method and results["steps"] == 8 and results["bits"] == "W4A4"
+  assert 0 <= results["final_top1"] <= 100 and results["best_step"] in (4, 8)
+  rows = _read_metrics(workdir)
+  train_rows = [r for r in rows if "generator/loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
+  expected_terms = {"gdfq": ("generator/ce", "generator/bns", "student/kd", "student/ce"),
+                    "dsg": ("generator/ce", "generator/sda", "generator/sci", "student/kd"),
+                    "adadfq": ("generator/margin", "generator/ds", "generator/as",
+                               "generator/bns", "student/entropy_loss")}[method]
+  for term in expected_terms:
+    assert all(np.isfinite(r[term]) for r in train_rows), term
+  # Warm-up (2 steps): the student's learning rate is 0, then the paper's.
+  assert train_rows[0]["lr/student"] == 0.0 and train_rows[1]["lr/student"] > 0.0
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["final_top1"] == results["final_top1"]
+
+
+def test_student_is_updated_only_after_warmup_and_ranges_freeze(tiny_teacher_dir, tmp_path):
+  config = tiny_config(tiny_teacher_dir, total_steps=2, min_phase_steps=2, ckpt_every_steps=1)
+  workdir = str(tmp_path / "w")
+  run_lib.run(config, workdir, log=lambda *a: None)
+  ckpt = checkpoint_lib.Checkpointer(workdir, keep=10)
+  s1 = ckpt.manager.restore(1)
+  s2 = ckpt.manager.restore(2)
+  ckpt.close()
+  # Student parameters are still the teacher's during warm-up; the generator moved.
+  for a, b in zip(jax.tree.leaves(s1["student"]["params"]), jax.tree.leaves(s2["student"]["params"])):
+    np.testing.assert_array_equal(a, b)
+  g1, g2 = jax.tree.leaves(s1["gen"]["params"]), jax.tree.leaves(s2["gen"]["params"])
+  assert any(not np.array_equal(a, b) for a, b in zip(g1, g2))
+  # Ranges moved in both steps (they update while step < 2).
+  assert float(s2["student"]["quant_stats"]["act1"]["x_max"]) != float(
+      s1["student"]["quant_stats"]["act1"]["x_max"])
+
+
+def test_killed_run_resumes_to_the_same_final_state(tiny_teacher_dir, tmp_path, monkeypatch):
+  config = tiny_config(tiny_teacher_dir, "adadfq")
+  ref_dir, cut_dir = str(tmp_path / "ref"), str(tmp_path / "cut")
+  ref = run_lib.run(config, ref_dir, log=lambda *a: None)
+
+  real_make = trainer.make_train_step
+
+  def crashing_make(*args, **kwargs):
+    step = real_make(*args, **kwargs)
+
+    def wrapped(state, *rest):
+      if int(state["step"]) == 5:   # after the checkpoint at step 4, before step 6's
+        raise KeyboardInterrupt("simulated kill")
+      return step(state, *rest)
+    return wrapped
+
+  monkeypatch.setattr(trainer, "make_train_step", crashing_make)
+  with pytest.raises(KeyboardInterrupt):
+    run_lib.run(config, cut_dir, log=lambda *a: None)
+  assert not os.path.exists(os.path.join(cut_dir, "results.json"))
+  monkeypatch.setattr(trainer, "make_train_step", real_make)
+  resumed = run_lib.run(config, cut_dir, log=lambda *a: None)
+
+  for key in ("final_top1", "best_top1", "best_step", "fp_top1", "quant_top1_before"):
+    assert resumed[key] == ref[key], key
+  a, b = _restore_latest(ref_dir), _restore_latest(cut_dir)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # metrics.jsonl of the resumed run equals the uninterrupted one (timings aside).
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+  assert strip(_read_metrics(cut_dir)) == strip(_read_metrics(ref_dir))
+
+
+def test_workdir_with_another_config_is_refused_then_archived(tiny_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = tiny_config(tiny_teacher_dir)
+  run_lib.prepare_workdir(workdir, config, restart=False)
+  run_lib.prepare_workdir(workdir, config, restart=False)   # same config: fine
+  config.eval_every_steps = 2                               # resumable key: fine
+  run_lib.prepare_workdir(workdir, config, restart=False)
+  other = tiny_config(tiny_teacher_dir, "dsg")
+  with pytest.raises(run_lib.WorkdirConflictError, match="method"):
+    run_lib.prepare_workdir(workdir, other, restart=False)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["method"] == "gdfq"                  # untouched
+  run_lib.prepare_workdir(workdir, other, restart=True)
+  archived = [d for d in os.listdir(workdir) if d.startswith("previous-")]
+  assert len(archived) == 1
+  with open(os.path.join(workdir, archived[0], "config.json")) as f:
+    assert json.load(f)["method"] == "gdfq"
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["method"] == "dsg"
+
+
+def test_non_finite_loss_stops_with_step_and_term(tiny_teacher_dir, tmp_path):
+  config = tiny_config(tiny_teacher_dir, **{"generator.lr": float("nan")})
+  with pytest.raises(trainer.NonFiniteError, match=r"step \d+: generator/"):
+    run_lib.run(config, str(tmp_path / "nan"), log=lambda *a: None)
