@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Activation-range calibration of the no-training floor (method eval, and
   # quant_top1_before of the training methods).
   c.calib = ml_collections.ConfigDict()
-  c.calib.source = "noise"        # noise (N(0,1) images: data-free) | real (eval images)
+  c.calib.source = "noise"        # noise (N(0,1) images: data-free) | real (real images)
+  c.calib.split = "train"         # real calibration images come from this split
   c.calib.batch_size = 256
   c.calib.batches = 1
 
@@ -148,3 +149,45 @@ def apply_flags(config: ml_collections.ConfigDict, flags: list[str]) -> None:
       raise ValueError(
           f"config argument {flag!r} is unknown: use a method ({', '.join(METHODS)}), "
           "bits like w4a4, 'parity', or key=value.")
+
+
+def paper_config(arg, *, dataset: str, model: str, layout: str, shortcut: str = "A",
+                 method_defaults=None, allowed_kv=()) -> ml_collections.ConfigDict:
+  """A config for one dataset/model with the papers' per-method hyperparameters.
+
+  Args:
+    arg: the ':' argument string of the config file.
+    dataset: 'cifar10', 'cifar100' or 'imagenet2012'.
+    model: teacher model name (dfq_jax.models.MODELS).
+    layout: PyTorch layout of the teacher's checkpoint.
+    shortcut: CIFAR ResNets only.
+    method_defaults: {method: fn(config)} applied after the method and bits are known.
+    allowed_kv: names of key=value arguments the calling file handles itself; any other
+      key=value argument is an error.
+  """
+  config = base_config()
+  flags, kv = parse_arg(arg)
+  apply_flags(config, flags)
+  unknown = sorted(set(kv) - set(allowed_kv))
+  if unknown:
+    raise ValueError(f"unknown config arguments {unknown}.")
+  config.teacher.model, config.teacher.layout, config.teacher.shortcut = model, layout, shortcut
+  config.data.name = dataset
+  if dataset == "imagenet2012":
+    config.num_classes, config.image_size = 1000, 224
+    config.data.source, config.data.split = "tfds", "validation"
+    config.data.preprocessing, config.data.normalization = "imagenet", "imagenet"
+    config.data.eval_batch_size = 100
+    config.generator.name = "imagenet"
+    config.calib.batch_size = 32
+  else:
+    config.num_classes = 100 if dataset == "cifar100" else 10
+    config.data.normalization = dataset
+  if method_defaults and config.method in method_defaults:
+    method_defaults[config.method](config)
+  return config
+
+
+def bits_of(config) -> int:
+  """The (weight) bit-width a paper setting is chosen by."""
+  return int(config.quant.w_bits)

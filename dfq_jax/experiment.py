@@ -120,8 +120,14 @@ def load_teacher(config, workdir: str | None = None) -> dict:
     if cache and jax.process_index() == 0:
       convert.save_variables(variables, cache)
     return variables
-  return convert.load_teacher_variables(config.teacher.weights, model,
-                                        layout=config.teacher.layout, input_shape=shape)
+  variables = convert.load_teacher_variables(config.teacher.weights, model,
+                                             layout=config.teacher.layout, input_shape=shape)
+  if workdir and not os.path.isdir(config.teacher.weights) and jax.process_index() == 0:
+    # Keep the converted weights: `--config.teacher.weights=<workdir>/teacher` needs no torch.
+    cache = os.path.join(workdir, "teacher")
+    if not os.path.isdir(cache):
+      convert.save_variables(variables, cache)
+  return variables
 
 
 def build_models(config, teacher_vars: dict) -> Models:
@@ -138,18 +144,22 @@ def build_models(config, teacher_vars: dict) -> Models:
                 latent_dim=config.generator.latent_dim)
 
 
-def load_eval_set(config) -> ImageDataset:
-  """The real evaluation images (never used for training)."""
+def load_eval_set(config, split: str | None = None, limit: int | None = None) -> ImageDataset:
+  """Real images of `split` (default data.split; evaluation only, never for training)."""
   d = config.data
+  split = split or d.split
+  limit = limit or d.limit or None
   if d.source == "digits":
-    ds = demo.digits_dataset(d.split if d.split in ("train", "test") else "test")
+    ds = demo.digits_dataset(split)
+    if limit:
+      ds = ds.take(limit)
   elif d.source == "imagefolder":
-    ds = load_eval_data("imagefolder", root=d.root, split=d.split,
-                        preprocessing=d.preprocessing, limit=d.limit or None,
+    ds = load_eval_data("imagefolder", root=d.root, split=split,
+                        preprocessing=d.preprocessing, limit=limit,
                         cache_dir=d.cache_dir or None)
   else:
-    ds = load_eval_data("tfds", data_dir=d.data_dir, name=d.name, split=d.split or None,
-                        preprocessing=d.preprocessing, limit=d.limit or None)
+    ds = load_eval_data("tfds", data_dir=d.data_dir, name=d.name, split=split or None,
+                        preprocessing=d.preprocessing, limit=limit)
   if ds.num_classes != config.num_classes:
     raise ValueError(f"the eval data has {ds.num_classes} classes but num_classes="
                      f"{config.num_classes}: check data.root / data.name.")
@@ -157,8 +167,6 @@ def load_eval_set(config) -> ImageDataset:
     raise ValueError(f"eval images are {ds.images.shape[1]}x{ds.images.shape[2]} but the "
                      f"model expects {config.image_size}x{config.image_size}: check "
                      "data.preprocessing or image_size.")
-  if d.limit and d.source == "digits":
-    ds = ds.take(d.limit)
   return ds
 
 
@@ -182,15 +190,22 @@ def calibrate_ranges(student, variables: dict, batches) -> dict:
   return quant_stats
 
 
-def calibration_batches(config, eval_set: ImageDataset, norm: Normalization, key):
-  """N(0, 1) noise batches (data-free) or the first real eval images (calib.source)."""
+def calibration_batches(config, norm: Normalization, key):
+  """Float NHWC batches for range calibration (config.calib).
+
+  source='noise': N(0, 1) images in the model's normalised input space (data-free).
+  source='real': the first calib.batches * calib.batch_size images of the real
+  calib.split (default 'train', never the evaluation split), a real-data reference point.
+  """
   c = config.calib
   shape = (c.batch_size, config.image_size, config.image_size, config.channels)
   if c.source == "noise":
     for i in range(c.batches):
       yield jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
-  else:
-    mean, std = np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
-    for i in range(c.batches):
-      x = eval_set.images[i * c.batch_size:(i + 1) * c.batch_size]
+    return
+  real = load_eval_set(config, split=c.split, limit=c.batches * c.batch_size)
+  mean, std = np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
+  for i in range(c.batches):
+    x = real.images[i * c.batch_size:(i + 1) * c.batch_size]
+    if len(x):
       yield (x.astype(np.float32) / 255.0 - mean) / std

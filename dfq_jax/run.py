@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
   calib_vars = {**teacher_vars, "quant_stats": student_init.get("quant_stats", {})}
   calib_vars["quant_stats"] = experiment.calibrate_ranges(
       models.student, calib_vars,
-      experiment.calibration_batches(config, eval_set, norm, jax.random.key(config.seed + 7)))
+      experiment.calibration_batches(config, norm, jax.random.key(config.seed + 7)))
   before = eval_models([(models.teacher.apply, teacher_vars), (models.student.apply, calib_vars)],
                        ["fp", "quantized"])
   log(before.summary())
@@ -117,7 +117,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
       "eval_images": len(eval_set),
       "fp_top1": 100 * float(before.top1[0]),
       "fp_top5": 100 * float(before.top5[0]),
-      "calibration": f"{config.calib.batches}x{config.calib.batch_size} {config.calib.source}",
+      "calibration": (f"{config.calib.batches}x{config.calib.batch_size} "
+                      + ("N(0,1) noise" if config.calib.source == "noise"
+                         else f"real images ({config.calib.split})")),
       "seed": config.seed,
       "parity": bool(config.parity),
   }
