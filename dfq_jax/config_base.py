@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.root = ""                # imagefolder: <root>/<split>/<class>/*.jpg
   c.data.data_dir = ""            # tfds: prepared datasets directory
   c.data.name = "cifar10"         # tfds dataset name
+  c.data.download = False         # tfds: allow download_and_prepare when data is missing
   c.data.split = "test"
   c.data.preprocessing = "cifar"  # cifar (fixed size) | imagenet (resize 256, crop 224)
   c.data.normalization = "imagenet"  # preset name of mean/std (the model's training one)

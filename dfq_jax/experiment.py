@@ -159,7 +159,7 @@ def load_eval_set(config, split: str | None = None, limit: int | None = None) ->
                         cache_dir=d.cache_dir or None)
   else:
     ds = load_eval_data("tfds", data_dir=d.data_dir, name=d.name, split=split or None,
-                        preprocessing=d.preprocessing, limit=limit)
+                        preprocessing=d.preprocessing, limit=limit, download=d.download)
   if ds.num_classes != config.num_classes:
     raise ValueError(f"the eval data has {ds.num_classes} classes but num_classes="
                      f"{config.num_classes}: check data.root / data.name.")
