@@ -81,7 +81,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.weight_decay = 1e-4
   c.student.milestones = (100, 200, 300)
 
-  c.batch_size = 16
+  c.batch_size = 16               # global batch, split over all devices
+  c.stats_scope = "global"        # global (sync-BN, device-count independent) | per_device
   c.epochs = 400
   c.iters_per_epoch = 200
   c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled

@@ -51,7 +51,8 @@ def quant_policy(config) -> QuantPolicy:
       a_bits=numerics.check_bits(q.a_bits, "quant.a_bits"),
       first_bits=q.first_bits or None, last_bits=q.last_bits or None,
       rules=parse_rules(q.rules),
-      range_mode="parity" if config.parity else q.range_mode)
+      range_mode="parity" if config.parity else q.range_mode,
+      axis_name="data" if config.stats_scope == "per_device" else None)
 
 
 def validate_config(config) -> None:
@@ -80,6 +81,8 @@ def validate_config(config) -> None:
   elif config.data.source != "digits":
     raise ValueError(f"data.source={config.data.source!r} is unknown: use imagefolder, "
                      "tfds or digits.")
+  if config.stats_scope not in ("global", "per_device"):
+    raise ValueError(f"stats_scope={config.stats_scope!r}: use global or per_device.")
   if config.calib.source not in ("noise", "real"):
     raise ValueError(f"calib.source={config.calib.source!r}: use noise or real.")
   for name in ("batch_size", "epochs", "iters_per_epoch"):
@@ -176,7 +179,8 @@ def calibrate_ranges(student, variables: dict, batches) -> dict:
   Returns the `quant_stats` tree. The student is re-bound to range_mode='minmax' for the
   calibration, so several batches give their overall min/max.
   """
-  calib_model = student.clone(quant=dataclasses.replace(student.quant, range_mode="minmax"))
+  calib_model = student.clone(
+      quant=dataclasses.replace(student.quant, range_mode="minmax", axis_name=None))
 
   @jax.jit
   def update(quant_stats, x):

@@ -7,7 +7,13 @@ Each iteration, inside ONE jitted function over explicit pytrees (state donated)
   student step                  on the SAME batch, detached: method.student_loss ->
                                 SGD-Nesterov on the student (skipped during warm-up)
 Activation ranges of the student update in every student forward while
-step < range_freeze_step, then stay frozen. Methods differ only in their pure loss
+step < range_freeze_step, then stay frozen.
+
+Data parallel: the batch is split over the `data` axis of a device mesh (all devices of
+all hosts). stats_scope='global' (default) computes BN statistics, losses and activation
+ranges over the global batch (sync-BN semantics: the result does not depend on the device
+count); 'per_device' computes them on each device's shard (the PyTorch single-GPU / pmap
+semantics) with `jax.shard_map`, averaging losses and synchronising ranges (pmin/pmax). Methods differ only in their pure loss
 functions (dfq_jax/methods/*).
 
 State (checkpointed): {'step', 'rng', 'gen': {'params', 'opt'},
@@ -98,6 +104,21 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
   def student_vars(st, params, quant_stats):
     return {"params": params, "batch_stats": st["batch_stats"], "quant_stats": quant_stats}
 
+  per_device = config.stats_scope == "per_device"
+
+  def per_device_map(fn, in_specs, out_specs):
+    """Runs `fn` on each device's shard of the batch (stats_scope='per_device').
+
+    Losses and their terms are averaged over devices inside `fn`, so the gradient taken
+    outside is that of the mean of the per-device losses, as with PyTorch DDP.
+    """
+    if not per_device:
+      return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+
+  def mean_over_devices(tree):
+    return jax.tree.map(lambda v: jax.lax.pmean(v, "data"), tree) if per_device else tree
+
   def step_fn(state, teacher_vars, constants, train_student):
     step = state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
@@ -115,17 +136,27 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
       return logits, new_qs
 
     # ---- generator step -------------------------------------------------------
-    def gen_loss_fn(gen_params):
+    def gen_forward(gen_params, student_params, quant_stats, z, labels, k_loss):
+      if per_device:  # independent SCI noise per device
+        k_loss = jax.random.fold_in(k_loss, jax.lax.axis_index("data"))
       images = models.generator.apply({"params": gen_params}, z, labels)
       t_logits, t_vars = models.teacher.apply(teacher_vars, images, mutable=["bn_stats"])
-      s_logits, quant_stats = None, st["quant_stats"]
+      s_logits = None
       if method.USES_STUDENT_IN_GENERATOR_LOSS:
-        s_logits, quant_stats = student_forward(st["params"], st["quant_stats"], images)
+        s_logits, quant_stats = student_forward(student_params, quant_stats, images)
       loss, terms = method.generator_loss(
           hp, images=images, labels=labels, teacher_logits=t_logits,
           bn_stats=t_vars["bn_stats"], running_stats=teacher_vars["batch_stats"],
           student_logits=s_logits, constants=constants, key=k_loss)
+      loss, terms = mean_over_devices((loss, terms))
       return loss, (terms, images, t_logits, quant_stats)
+
+    gen_forward = per_device_map(
+        gen_forward, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
+        out_specs=(P(), (P(), P("data"), P("data"), P())))
+
+    def gen_loss_fn(gen_params):
+      return gen_forward(gen_params, st["params"], st["quant_stats"], z, labels, k_loss)
 
     (g_loss, (g_terms, images, t_logits, quant_stats)), g_grads = jax.value_and_grad(
         gen_loss_fn, has_aux=True)(state["gen"]["params"])
@@ -137,11 +168,19 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
     images = jax.lax.stop_gradient(images)
     t_logits = jax.lax.stop_gradient(t_logits)
 
-    def stu_loss_fn(params):
+    def stu_forward(params, quant_stats, images, t_logits, labels):
       s_logits, new_qs = student_forward(params, quant_stats, images)
       loss, terms = method.student_loss(hp, student_logits=s_logits, teacher_logits=t_logits,
                                         labels=labels)
+      loss, terms = mean_over_devices((loss, terms))
       return loss, (terms, new_qs)
+
+    stu_forward = per_device_map(
+        stu_forward, in_specs=(P(), P(), P("data"), P("data"), P("data")),
+        out_specs=(P(), (P(), P())))
+
+    def stu_loss_fn(params):
+      return stu_forward(params, quant_stats, images, t_logits, labels)
 
     lr_q = schedule_lib.multistep_lr(config.student.lr, step, timeline.student_milestones)
     if train_student:

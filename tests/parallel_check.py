@@ -1,0 +1,131 @@
+"""Multi-device checks, run by test_parallel.py in a process with 8 simulated CPU devices.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/parallel_check.py TEACHER_DIR
+
+Checks (each prints one line; any failure raises):
+  global      the global-scope step on 8 devices equals the 1-device step (3 steps)
+  per_device  the per-device losses equal each shard's losses computed separately
+  topology    a checkpoint written on 8 devices resumes on 1 (and 1 -> 8) identically
+"""
+
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from conftest import tiny_config  # noqa: E402
+from dfq_jax import checkpoint as checkpoint_lib  # noqa: E402
+from dfq_jax import experiment, losses, methods, schedule, trainer  # noqa: E402
+
+
+def setup(teacher_dir, method, devices, **overrides):
+  config = tiny_config(teacher_dir, method, batch_size=16, **overrides)
+  models = experiment.build_models(config, experiment.load_teacher(config))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
+  repl = NamedSharding(mesh, P())
+  method_mod = methods.get_method(method)
+  timeline = schedule.Timeline.from_config(config)
+  step = trainer.make_train_step(config, models, method_mod, timeline, mesh)
+  state = jax.jit(lambda: trainer.init_state(config, models, jax.random.key(config.seed)),
+                  out_shardings=repl)()
+  teacher = jax.device_put(models.teacher_vars, repl)
+  hp = method_mod.hparams(config)
+  constants = jax.device_put(method_mod.init_constants(
+      hp, lambda x: models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])[1]["bn_stats"],
+      models.teacher_vars["batch_stats"], jax.random.key(1), models.image_shape), repl)
+  return config, models, mesh, step, state, teacher, constants
+
+
+def run_steps(step, state, teacher, constants, n, start=0):
+  history = []
+  for i in range(start, start + n):
+    state, metrics = step(state, teacher, constants, i >= 2)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def assert_trees_close(a, b, rtol, atol, what):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=what)
+
+
+def check_global(teacher_dir):
+  for method in ("gdfq", "adadfq"):
+    outs = []
+    for devices in (1, 8):
+      *_, step, state, teacher, constants = setup(teacher_dir, method, devices)
+      state, history = run_steps(step, state, teacher, constants, 3)
+      outs.append((jax.device_get(state), history))
+    (s1, h1), (s8, h8) = outs
+    for m1, m8 in zip(h1, h8):
+      assert_trees_close(m1, m8, 2e-4, 2e-5, f"{method} metrics 1 vs 8 devices")
+    # Biases of the layers followed by a train-mode BN have an exactly zero true gradient;
+    # Adam rescales their float noise to +-lr steps, which differ with the reduction
+    # order. Every other generator parameter must agree.
+    g1, g8 = (dict(s["gen"]["params"]) for s in (s1, s8))
+    for layer in ("l1", "conv1", "conv2"):
+      g1[layer] = {k: v for k, v in g1[layer].items() if k != "bias"}
+      g8[layer] = {k: v for k, v in g8[layer].items() if k != "bias"}
+    assert_trees_close(g1, g8, 1e-3, 1e-5, "generator")
+    assert_trees_close(s1["student"], s8["student"], 1e-3, 1e-5, "student")
+  print("global OK")
+
+
+def check_per_device(teacher_dir):
+  config, models, mesh, step, state, teacher, constants = setup(
+      teacher_dir, "gdfq", 8, stats_scope="per_device")
+  gen_params = jax.device_get(state["gen"]["params"])   # before the step donates `state`
+  _, history = run_steps(step, state, teacher, constants, 1)
+  # Reference: the first step's z / labels, each device's 2-image shard on its own.
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  z, labels = trainer.sample_latents(jax.random.split(key)[0], 16, models.latent_dim, 10)
+  bns, ce = [], []
+  for d in range(8):
+    zs, ys = z[2 * d:2 * d + 2], labels[2 * d:2 * d + 2]
+    images = models.generator.apply({"params": gen_params}, zs, ys)
+    logits, upd = models.teacher.apply(models.teacher_vars, images, mutable=["bn_stats"])
+    bns.append(losses.bn_stat_loss(upd["bn_stats"], models.teacher_vars["batch_stats"]))
+    ce.append(jnp.mean(losses.cross_entropy(logits, ys)))
+  np.testing.assert_allclose(history[0]["generator/bns"], np.mean(bns), rtol=1e-4)
+  np.testing.assert_allclose(history[0]["generator/ce"], np.mean(ce), rtol=1e-4)
+  # ...and differs from the global-batch statistics of the same images.
+  images = models.generator.apply({"params": gen_params}, z, labels)
+  _, upd = models.teacher.apply(models.teacher_vars, images, mutable=["bn_stats"])
+  global_bns = losses.bn_stat_loss(upd["bn_stats"], models.teacher_vars["batch_stats"])
+  assert abs(float(global_bns) - float(np.mean(bns))) > 1e-3
+  print("per_device OK")
+
+
+def check_topology(teacher_dir):
+  with tempfile.TemporaryDirectory() as tmp:
+    for src, dst in ((8, 1), (1, 8)):
+      *_, step_src, state, teacher_src, const_src = setup(teacher_dir, "gdfq", src)
+      state, _ = run_steps(step_src, state, teacher_src, const_src, 3)
+      ckpt = checkpoint_lib.Checkpointer(os.path.join(tmp, f"{src}to{dst}"))
+      ckpt.save(3, state, wait=True)
+      cont_src, h_src = run_steps(step_src, state, teacher_src, const_src, 2, start=3)
+      *_, step_dst, fresh, teacher_dst, const_dst = setup(teacher_dir, "gdfq", dst)
+      restored = ckpt.restore(checkpoint_lib.abstract_like(fresh))
+      ckpt.close()
+      assert int(restored["step"]) == 3
+      cont_dst, h_dst = run_steps(step_dst, restored, teacher_dst, const_dst, 2, start=3)
+      for a, b in zip(h_src, h_dst):
+        assert_trees_close(a, b, 2e-4, 2e-5, f"metrics after restoring {src} -> {dst}")
+      assert_trees_close(jax.device_get(cont_src["student"]), jax.device_get(cont_dst["student"]),
+                         1e-3, 1e-5, f"student after {src} -> {dst}")
+  print("topology OK")
+
+
+if __name__ == "__main__":
+  assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()}"
+  teacher_dir = sys.argv[1]
+  checks = sys.argv[2:] or ["global", "per_device", "topology"]
+  for name in checks:
+    globals()[f"check_{name}"](teacher_dir)
