@@ -54,6 +54,8 @@ Tree = Any
 def _float(x: ArrayLike) -> Array:
   """Casts to at least float32 (keeps float64 under x64)."""
   x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.float32)
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 

@@ -5,6 +5,7 @@ teacher trained on scikit-learn's digits, quantized to W4A4 without data, offlin
 
 Overrides: --config.key=value (unknown keys are an error). --restart moves an existing
 run in --workdir aside (to DIR/previous-<time>/) instead of refusing a changed config.
+Compiled steps are cached in ~/.cache/dfq_jax/xla (JAX_COMPILATION_CACHE_DIR overrides).
 Multi-host: set DFQ_DISTRIBUTED=1 (the launch/ scripts do) to call
 jax.distributed.initialize() first.
 """
@@ -32,9 +33,14 @@ _RESTART = flags.DEFINE_bool("restart", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("DFQ_DISTRIBUTED") == "1":
-    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # Resumed and repeated runs reuse compiled steps (compilation takes 10-60 s on CPU).
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(os.path.join("~", ".cache", "dfq_jax", "xla")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
   from dfq_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", "demo")

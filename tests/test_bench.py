@@ -1,0 +1,36 @@
+"""The benchmark commands run and report what they promise."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_speed_prints_one_json_line_with_flops():
+  proc = subprocess.run(
+      [sys.executable, "-m", "dfq_jax.bench", "speed", "--config=configs/demo.py:adadfq",
+       "--batch=8", "--steps=2", "--warmup=1", "--config.generator.width=16"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  row = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert row["method"] == "adadfq" and row["batch"] == 8 and row["timed_steps"] == 2
+  assert row["median_step_s"] > 0 and row["compile_s"] > 0
+  assert row["flops_per_step"] > 1e8 and row["gflops_per_s"] > 0
+  assert row["device_count"] >= 1 and row["peak_host_memory_mb"] > 0
+
+
+def test_accuracy_grid_writes_tables(tiny_teacher_dir, tmp_path):
+  from conftest import tiny_config
+  from dfq_jax import bench
+  config = tiny_config(tiny_teacher_dir, total_steps=4, eval_every_steps=4,
+                       sample_every_steps=0)
+  table = bench.accuracy(config, ["gdfq"], ["w3a3"], 4, 2, str(tmp_path))
+  assert set(table) == {"gdfq,w3a3"}
+  cell = table["gdfq,w3a3"]
+  assert cell["seeds"] == 2 and cell["steps"] == 4 and len(cell["final_top1"]) == 2
+  md = (tmp_path / "grid.md").read_text()
+  assert "| gdfq | W3A3 |" in md and "±" in md
+  assert json.loads((tmp_path / "grid.json").read_text())["gdfq,w3a3"]["seeds"] == 2
