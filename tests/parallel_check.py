@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from conftest import tiny_config  # noqa: E402
+from dfq_test_utils import tiny_config  # noqa: E402
 from dfq_jax import checkpoint as checkpoint_lib  # noqa: E402
 from dfq_jax import experiment, losses, methods, schedule, trainer  # noqa: E402
 

@@ -23,7 +23,7 @@ def test_speed_prints_one_json_line_with_flops():
 
 
 def test_accuracy_grid_writes_tables(tiny_teacher_dir, tmp_path):
-  from conftest import tiny_config
+  from dfq_test_utils import tiny_config
   from dfq_jax import bench
   config = tiny_config(tiny_teacher_dir, total_steps=4, eval_every_steps=4,
                        sample_every_steps=0)

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from dfq_test_utils import tiny_config
 from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import run as run_lib
 from dfq_jax import trainer

@@ -1,0 +1,27 @@
+"""Helpers shared by the tests (a module of its own: `conftest` names collide)."""
+
+
+def tiny_config(teacher_dir, method="gdfq", **overrides):
+  """The demo config shrunk to a few steps of a small generator on 64 eval images."""
+  from configs import demo as demo_config
+  c = demo_config.get_config(method)
+  c.teacher.layout = "orbax"
+  c.teacher.weights = teacher_dir
+  c.data.limit = 64
+  c.data.eval_batch_size = 64
+  c.calib.batch_size = 16
+  c.generator.width = 16
+  c.batch_size = 8
+  c.total_steps = 8
+  c.min_phase_steps = 2
+  c.log_every_steps = 2
+  c.eval_every_steps = 4
+  c.ckpt_every_steps = 2
+  c.sample_every_steps = 4
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
