@@ -44,7 +44,15 @@ def main(argv):
   from dfq_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", "demo")
-  results = run_lib.run(config, workdir, restart=_RESTART.value)
+  from dfq_jax import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    results = run_lib.run(config, workdir, restart=_RESTART.value)
+  except trainer.Preempted as e:
+    print(e, file=sys.stderr)
+    sys.exit(143)
+  except trainer.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(format_results(results))
   print(f"Results: {os.path.join(workdir, 'results.json')}")
 

@@ -16,6 +16,10 @@ count); 'per_device' computes them on each device's shard (the PyTorch single-GP
 semantics) with `jax.shard_map`, averaging losses and synchronising ranges (pmin/pmax). Methods differ only in their pure loss
 functions (dfq_jax/methods/*).
 
+SIGTERM (TPU preemption, SLURM) makes the loop write a checkpoint after the current step
+and stop with `Preempted`; the same command resumes. The student with the best
+evaluation top-1 is also kept in <workdir>/best_student.
+
 State (checkpointed): {'step', 'rng', 'gen': {'params', 'opt'},
   'student': {'params', 'batch_stats', 'quant_stats', 'opt'}, 'best_top1', 'best_step'}.
 The teacher's variables are a separate, non-donated argument and never checkpointed.
@@ -236,6 +240,35 @@ def check_finite(step: int, metrics: dict) -> None:
           "another --config.seed.")
 
 
+class Preempted(RuntimeError):
+  """SIGTERM (TPU preemption, SLURM time limit) arrived; a checkpoint was written."""
+
+
+class _SigtermFlag:
+  """Records SIGTERM while installed (main thread only) instead of dying mid-step."""
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+
+  def __enter__(self):
+    import signal  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+
+  def __exit__(self, *exc):
+    import signal  # pylint: disable=g-import-not-at-top
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+    return False
+
+
 class Throughput:
   """Images/s between two calls (wall clock)."""
 
@@ -290,6 +323,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
 
   state = jax.jit(lambda: init_state(config, models, root_key), out_shardings=replicated)()
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  best_ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, subdir="best_student")
   start = 0
   if ckpt.latest_step() is not None:
     state = ckpt.restore(checkpoint_lib.abstract_like(state))
@@ -318,6 +352,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
   last_eval = None
   bar = tqdm(total=timeline.total_steps, initial=start, unit="it", dynamic_ncols=True,
              disable=not metrics_lib.is_writer(), mininterval=2.0)
+  sigterm = _SigtermFlag().__enter__()
   try:
     for step in range(start, timeline.total_steps):
       train_student = step >= timeline.warmup_steps
@@ -345,14 +380,22 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
         if top1 > float(state["best_top1"]):
           state["best_top1"] = jax.device_put(jnp.float32(top1), replicated)
           state["best_step"] = jax.device_put(jnp.int32(done), replicated)
+          best_ckpt.save(done, student_vars(state["student"]))
         writer.write(done, {"eval/top1": top1})
         bar.write(f"step {done}: student top-1 {top1:.2f} % (best {float(state['best_top1']):.2f})")
-      if done % config.ckpt_every_steps == 0 or done == timeline.total_steps:
+      if (done % config.ckpt_every_steps == 0 or done == timeline.total_steps
+          or sigterm.received):
         save(done)
       bar.update(1)
+      if sigterm.received and done < timeline.total_steps:
+        ckpt.wait()
+        raise Preempted(f"SIGTERM received: checkpoint written at step {done} in "
+                        f"{ckpt.directory}. Run the same command to resume.")
   finally:
+    sigterm.__exit__()
     bar.close()
     writer.close()
+    best_ckpt.close()
     ckpt.close()
   if last_eval is not None and last_eval[0] == timeline.total_steps:
     final_top1 = last_eval[1]

@@ -127,3 +127,42 @@ def test_non_finite_loss_stops_with_step_and_term(tiny_teacher_dir, tmp_path):
   config = tiny_config(tiny_teacher_dir, **{"generator.lr": float("nan")})
   with pytest.raises(trainer.NonFiniteError, match=r"step \d+: generator/"):
     run_lib.run(config, str(tmp_path / "nan"), log=lambda *a: None)
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes(tiny_teacher_dir, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "preempt"
+  args = [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py",
+          f"--workdir={workdir}", "--config.teacher.layout=orbax",
+          f"--config.teacher.weights={tiny_teacher_dir}", "--config.total_steps=400",
+          "--config.ckpt_every_steps=1000", "--config.eval_every_steps=1000",
+          "--config.log_every_steps=1", "--config.generator.width=16",
+          "--config.batch_size=8", "--config.data.limit=64", "--config.sample_every_steps=0"]
+  proc = subprocess.Popen(args, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-2000:]
+  assert "checkpoint written at step" in err
+  ckpt = checkpoint_lib.Checkpointer(str(workdir))
+  stopped_at = ckpt.latest_step()
+  ckpt.close()
+  assert 3 <= stopped_at < 400   # a checkpoint the periodic schedule would not have written
+  # The same command resumes from that step and finishes.
+  done = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"at step {stopped_at}" in done.stdout
+  with open(workdir / "results.json") as f:
+    assert json.load(f)["steps"] == 400
+  assert [r["step"] for r in _read_metrics(str(workdir)) if "generator/loss" in r] == \
+      list(range(1, 401))
