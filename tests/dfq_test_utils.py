@@ -25,3 +25,15 @@ def tiny_config(teacher_dir, method="gdfq", **overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+def load_config(name, arg=None):
+  """`configs/<name>`'s get_config(arg), loaded by path as the CLI does."""
+  import importlib.util
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "configs", name)
+  spec = importlib.util.spec_from_file_location(name[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
