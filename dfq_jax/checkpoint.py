@@ -26,6 +26,10 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, *, wait: bool = False) -> None:
+    """Saves `state` as `step`; a step that is already on disk is left as it is (a run
+    resumed before it replays the same, deterministic, state)."""
+    if int(step) in self.manager.all_steps():
+      return
     self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
     if wait:
       self.manager.wait_until_finished()
@@ -36,6 +40,30 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def restore_latest_good(self, abstract_state, log=print):
+    """Restores the newest checkpoint that reads back; returns (state, step) or (None, None).
+
+    A checkpoint that fails to restore (a file truncated or corrupted after it was
+    committed) is moved to `<directory>.unreadable/` (nothing is deleted) and the one
+    before it is tried.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step), step
+      except Exception as e:  # pylint: disable=broad-except
+        aside = os.path.join(self.directory + ".unreadable", str(step))
+        log(f"warning: checkpoint {step} in {self.directory} cannot be restored "
+            f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, trying the previous one.")
+        src = os.path.join(self.directory, str(step))
+        if os.path.isdir(src) and jax.process_index() == 0:
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          os.replace(src, aside if not os.path.exists(aside) else f"{aside}.{os.getpid()}")
+        self.manager.reload()
+    if self.manager.all_steps():
+      raise RuntimeError(f"no checkpoint in {self.directory} can be restored; move the "
+                         "directory aside (or use --restart) to start afresh.")
+    return None, None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -326,7 +326,8 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
   best_ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, subdir="best_student")
   start = 0
   if ckpt.latest_step() is not None:
-    state = ckpt.restore(checkpoint_lib.abstract_like(state))
+    restored, _ = ckpt.restore_latest_good(checkpoint_lib.abstract_like(state), log=log)
+    state = restored
     start = int(state["step"])
     log(f"Resumed from {ckpt.directory} at step {start}.")
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)

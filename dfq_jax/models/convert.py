@@ -129,7 +129,12 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist.")
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+  try:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path!r} cannot be read as a PyTorch checkpoint ({type(e).__name__}: "
+                     f"{e}). Is the file complete (re-download it) and a state_dict saved "
+                     "with torch.save?") from e
   for key in ("state_dict", "model_state_dict", "model", "net"):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
       obj = obj[key]

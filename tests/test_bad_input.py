@@ -1,0 +1,96 @@
+"""Bad input that must be answered by a clear error, with nothing written lost."""
+
+import json
+import os
+import stat
+
+import jax
+import numpy as np
+import pytest
+
+from dfq_test_utils import tiny_config
+from dfq_jax import checkpoint as checkpoint_lib
+from dfq_jax import run as run_lib
+
+
+def test_read_only_workdir_is_refused(tiny_teacher_dir, tmp_path):
+  if os.geteuid() == 0:
+    pytest.skip("root ignores directory permissions")
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+  with pytest.raises(PermissionError, match="not writable"):
+    run_lib.run(tiny_config(tiny_teacher_dir), str(ro / "w"), log=lambda *a: None)
+
+
+def test_workdir_path_through_a_file_is_refused(tiny_teacher_dir, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(OSError, match="cannot create workdir"):
+    run_lib.run(tiny_config(tiny_teacher_dir), str(blocker / "w"), log=lambda *a: None)
+
+
+def test_corrupted_teacher_file_names_the_problem(tiny_teacher_dir, tmp_path):
+  pytest.importorskip("torch")
+  bad = tmp_path / "teacher.th"
+  bad.write_bytes(b"this is not a pytorch checkpoint")
+  config = tiny_config(tiny_teacher_dir)
+  config.teacher.weights, config.teacher.layout = str(bad), "akamaster"
+  with pytest.raises(Exception, match="teacher.th"):
+    run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = tiny_config(tiny_teacher_dir, total_steps=4, ckpt_every_steps=2)
+  run_lib.run(config, workdir, log=lambda *a: None)
+  # Truncate every data file of the step-4 checkpoint.
+  step4 = os.path.join(workdir, "checkpoints", "4")
+  for dirpath, _, files in os.walk(step4):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      if os.path.getsize(path) > 64 and not name.endswith(".json"):
+        with open(path, "r+b") as f:
+          f.truncate(16)
+  config.total_steps = 6
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  saved["total_steps"] = 6
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  messages = []
+  results = run_lib.run(config, workdir, log=messages.append)
+  assert any("cannot be restored" in m for m in messages), messages
+  assert any("at step 2" in m for m in messages), messages
+  assert results["steps"] == 6
+  # The unreadable checkpoint was kept aside, not deleted.
+  assert os.path.isdir(os.path.join(workdir, "checkpoints.unreadable", "4"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"batch_size": 0}, "batch_size=0 must be positive"),
+    ({"total_steps": -1}, "total_steps=-1"),
+    ({"stats_scope": "node"}, "stats_scope"),
+    ({"calib.source": "web"}, "calib.source"),
+    ({"data.source": "lmdb"}, "data.source"),
+    ({"teacher.model": "vgg16"}, "vgg16"),
+    ({"num_classes": 100}, "classes"),
+    ({"image_size": 32}, "expects 32x32"),
+    ({"dsg.sci": "sometimes"}, "dsg.sci"),
+])
+def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
+  config = tiny_config(tiny_teacher_dir, "dsg", **override)
+  with pytest.raises(Exception, match=message):
+    run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
+  assert not os.path.exists(tmp_path / "w" / "results.json")
+
+
+def test_batch_not_divisible_by_devices_message():
+  from dfq_jax import experiment
+  from dfq_test_utils import load_config
+  config = load_config("demo.py")
+  config.batch_size = jax.device_count() * 3 + (1 if jax.device_count() > 1 else 0)
+  if jax.device_count() == 1:
+    pytest.skip("every batch divides one device (covered by the 8-device tests)")
+  with pytest.raises(ValueError, match="not divisible"):
+    experiment.validate_config(config)
