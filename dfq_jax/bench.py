@@ -41,8 +41,7 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
   """Times the full training iteration (generator step + student step)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from dfq_jax import experiment, methods, schedule, trainer  # pylint: disable=g-import-not-at-top
+  from dfq_jax import experiment, trainer  # pylint: disable=g-import-not-at-top
 
   if batch:
     config.batch_size = batch
@@ -53,18 +52,9 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
     teacher_vars = experiment.teacher_model(config).init(jax.random.key(0),
                                                         np.zeros(shape, np.float32))
   models = experiment.build_models(config, teacher_vars)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  repl = NamedSharding(mesh, P())
-  method = methods.get_method(config.method)
-  timeline = schedule.Timeline.from_config(config)
-  step = trainer.make_train_step(config, models, method, timeline, mesh)
-  state = jax.jit(lambda: trainer.init_state(config, models, jax.random.key(0)),
-                  out_shardings=repl)()
-  teacher = jax.device_put(teacher_vars, repl)
-  hp = method.hparams(config)
-  constants = jax.device_put(method.init_constants(
-      hp, lambda x: models.teacher.apply(teacher_vars, x, mutable=["bn_stats"])[1]["bn_stats"],
-      teacher_vars["batch_stats"], jax.random.key(1), models.image_shape), repl)
+  setup = trainer.setup_training(config, models)
+  state, teacher, constants, step = (setup.state, setup.teacher_vars, setup.constants,
+                                     setup.step_fn)
 
   t0 = time.perf_counter()
   compiled = step.lower(state, teacher, constants, True).compile()

@@ -285,6 +285,42 @@ class Throughput:
 
 
 
+@dataclasses.dataclass
+class TrainingSetup:
+  """Everything the loop needs besides I/O: the jitted step and its placed inputs."""
+  timeline: schedule_lib.Timeline
+  mesh: jax.sharding.Mesh
+  replicated: NamedSharding
+  step_fn: Callable[..., Any]
+  state: dict
+  teacher_vars: dict
+  constants: Any
+
+
+def setup_training(config, models: Models, devices=None) -> TrainingSetup:
+  """Mesh over `devices` (default: all), fresh state, method constants, jitted step."""
+  from dfq_jax import methods  # pylint: disable=g-import-not-at-top
+  method = methods.get_method(config.method)
+  timeline = schedule_lib.Timeline.from_config(config)
+  mesh = jax.sharding.Mesh(np.array(devices or jax.devices()), ("data",))
+  replicated = NamedSharding(mesh, P())
+  root_key = jax.random.key(config.seed)
+
+  def teacher_bn_stats(x):
+    _, upd = models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])
+    return upd["bn_stats"]
+
+  constants = method.init_constants(method.hparams(config), jax.jit(teacher_bn_stats),
+                                    models.teacher_vars["batch_stats"],
+                                    jax.random.fold_in(root_key, 2), models.image_shape)
+  state = jax.jit(lambda: init_state(config, models, root_key), out_shardings=replicated)()
+  return TrainingSetup(
+      timeline=timeline, mesh=mesh, replicated=replicated,
+      step_fn=make_train_step(config, models, method, timeline, mesh), state=state,
+      teacher_vars=jax.device_put(models.teacher_vars, replicated),
+      constants=jax.device_put(constants, replicated))
+
+
 def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict], float],
           normalization, log=print) -> dict:
   """Runs (or resumes) the training loop; returns the training part of results.json.
@@ -301,27 +337,11 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   from dfq_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from dfq_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from dfq_jax import methods  # pylint: disable=g-import-not-at-top
 
-  method = methods.get_method(config.method)
-  timeline = schedule_lib.Timeline.from_config(config)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
-  replicated = NamedSharding(mesh, P())
+  setup = setup_training(config, models)
+  timeline, state, replicated = setup.timeline, setup.state, setup.replicated
+  teacher_vars, constants, step_fn = setup.teacher_vars, setup.constants, setup.step_fn
   root_key = jax.random.key(config.seed)
-
-  hp = method.hparams(config)
-
-  def teacher_bn_stats(x):
-    _, upd = models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])
-    return upd["bn_stats"]
-
-  constants = method.init_constants(hp, jax.jit(teacher_bn_stats),
-                                    models.teacher_vars["batch_stats"],
-                                    jax.random.fold_in(root_key, 2), models.image_shape)
-  teacher_vars = jax.device_put(models.teacher_vars, replicated)
-  constants = jax.device_put(constants, replicated)
-
-  state = jax.jit(lambda: init_state(config, models, root_key), out_shardings=replicated)()
   ckpt = checkpoint_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
   best_ckpt = checkpoint_lib.Checkpointer(workdir, keep=1, subdir="best_student")
   start = 0
@@ -331,7 +351,6 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
     start = int(state["step"])
     log(f"Resumed from {ckpt.directory} at step {start}.")
   writer = metrics_lib.MetricWriter(workdir, resume_step=start if start else None)
-  step_fn = make_train_step(config, models, method, timeline, mesh)
   sample_key = jax.random.fold_in(root_key, 3)
   samples_dir = os.path.join(workdir, "samples")
 

@@ -15,32 +15,20 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dfq_test_utils import tiny_config  # noqa: E402
 from dfq_jax import checkpoint as checkpoint_lib  # noqa: E402
-from dfq_jax import experiment, losses, methods, schedule, trainer  # noqa: E402
+from dfq_jax import experiment, losses, trainer  # noqa: E402
 
 
 def setup(teacher_dir, method, devices, **overrides):
   config = tiny_config(teacher_dir, method, batch_size=16, **overrides)
   models = experiment.build_models(config, experiment.load_teacher(config))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:devices]), ("data",))
-  repl = NamedSharding(mesh, P())
-  method_mod = methods.get_method(method)
-  timeline = schedule.Timeline.from_config(config)
-  step = trainer.make_train_step(config, models, method_mod, timeline, mesh)
-  state = jax.jit(lambda: trainer.init_state(config, models, jax.random.key(config.seed)),
-                  out_shardings=repl)()
-  teacher = jax.device_put(models.teacher_vars, repl)
-  hp = method_mod.hparams(config)
-  constants = jax.device_put(method_mod.init_constants(
-      hp, lambda x: models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])[1]["bn_stats"],
-      models.teacher_vars["batch_stats"], jax.random.key(1), models.image_shape), repl)
-  return config, models, mesh, step, state, teacher, constants
+  t = trainer.setup_training(config, models, jax.devices()[:devices])
+  return config, models, t.mesh, t.step_fn, t.state, t.teacher_vars, t.constants
 
 
 def run_steps(step, state, teacher, constants, n, start=0):

@@ -5,11 +5,9 @@ import os
 import stat
 
 import jax
-import numpy as np
 import pytest
 
 from dfq_test_utils import tiny_config
-from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import run as run_lib
 
 

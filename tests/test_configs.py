@@ -6,9 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the CLI's loader)
 
-from dfq_jax import config_base
 from dfq_jax import experiment
 from dfq_jax.quant import QuantPolicy
 
