@@ -60,6 +60,7 @@ class EvalResults:
   agreement: np.ndarray
   per_class_top1: np.ndarray
   seconds: float
+  class_counts: np.ndarray | None = None   # [C] images per true class
 
   def summary(self) -> str:
     lines = [f"{self.n} images, {self.num_classes} classes, {self.seconds:.1f} s"]
@@ -224,7 +225,8 @@ def evaluate(apply_fns: "ModelSpec | Sequence[ModelSpec]", images_uint8: np.ndar
   return EvalResults(names=names, n=n, num_classes=num_classes, topk=k,
                      top1=correct1 / n, top5=correct5 / n, correct1=correct1,
                      correct5=correct5, predictions=predictions.astype(np.int32),
-                     agreement=agreement, per_class_top1=per_class_top1, seconds=seconds)
+                     agreement=agreement, per_class_top1=per_class_top1, seconds=seconds,
+                     class_counts=counts)
 
 
 def evaluate_dataset(apply_fns: "ModelSpec | Sequence[ModelSpec]", dataset: ImageDataset,
@@ -234,3 +236,60 @@ def evaluate_dataset(apply_fns: "ModelSpec | Sequence[ModelSpec]", dataset: Imag
   norm = get_normalization(normalization) if isinstance(normalization, str) else normalization
   return evaluate(apply_fns, dataset.images, dataset.labels, norm.mean, norm.std, batch_size,
                   num_classes=dataset.num_classes, names=names)
+
+
+def host_counts(results: EvalResults) -> np.ndarray:
+  """The additive counts of one host's EvalResults: [n, correct1[M], correct5[M],
+  agreements[M], per-class correct[M*C], per-class count[C]] (float64)."""
+  agree = np.rint(results.agreement * results.n)
+  per_class_correct = np.nan_to_num(results.per_class_top1 * results.class_counts[None])
+  return np.concatenate([[results.n], results.correct1, results.correct5, agree,
+                         np.rint(per_class_correct).ravel(), results.class_counts]
+                        ).astype(np.float64)
+
+
+def combine_host_counts(counts: np.ndarray, names, num_classes: int, topk: int,
+                        seconds: float) -> EvalResults:
+  """EvalResults of the whole set from the stacked `host_counts` of every host [P, K]."""
+  total = np.asarray(counts, np.float64).sum(axis=0)
+  m = len(names)
+  n = int(total[0])
+  c1, c5, agree = (total[1 + i * m:1 + (i + 1) * m] for i in range(3))
+  pcc = total[1 + 3 * m:1 + 3 * m + m * num_classes].reshape(m, num_classes)
+  class_counts = total[1 + 3 * m + m * num_classes:]
+  with np.errstate(invalid="ignore", divide="ignore"):
+    per_class = pcc / class_counts[None]
+  return EvalResults(names=tuple(names), n=n, num_classes=num_classes, topk=topk,
+                     top1=c1 / n, top5=c5 / n, correct1=c1.astype(np.int64),
+                     correct5=c5.astype(np.int64), predictions=np.zeros((m, 0), np.int32),
+                     agreement=agree / n, per_class_top1=per_class, seconds=seconds,
+                     class_counts=class_counts.astype(np.int64))
+
+
+def evaluate_across_hosts(apply_fns, images_uint8, labels, mean, std=None, batch_size=200, *,
+                          num_classes: int, names: Sequence[str]) -> EvalResults:
+  """`evaluate` sharded over the processes of a multi-host run, counts summed.
+
+  Host p evaluates images[p::P] with host-local copies of the (replicated) variables;
+  the counts are gathered with `process_allgather`. With one process this is `evaluate`.
+  Predictions are not gathered (the result's `predictions` is empty).
+  """
+  count = jax.process_count()
+  if count == 1:
+    return evaluate(apply_fns, images_uint8, labels, mean, std, batch_size,
+                    num_classes=num_classes, names=names)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def to_local(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(a.addressable_data(0))
+    return a
+
+  specs = [(f, jax.tree.map(to_local, v)) for f, v in
+           (_split_model(s) for s in apply_fns)]
+  index = jax.process_index()
+  local = evaluate(specs, images_uint8[index::count], np.asarray(labels)[index::count], mean,
+                   std, batch_size, num_classes=num_classes, names=names)
+  gathered = multihost_utils.process_allgather(host_counts(local))
+  return combine_host_counts(np.asarray(gathered), names, num_classes, local.topk,
+                             local.seconds)

@@ -21,7 +21,7 @@ import ml_collections
 from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import trainer
-from dfq_jax.evaluate import evaluate
+from dfq_jax.evaluate import evaluate_across_hosts
 
 # Keys that may change between a run and its resumption without changing the result.
 _RESUMABLE_KEYS = ("log_every_steps", "eval_every_steps", "ckpt_every_steps",
@@ -94,8 +94,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
   batch = config.data.eval_batch_size
 
   def eval_models(specs, names):
-    return evaluate(specs, eval_set.images, eval_set.labels, norm.mean, norm.std, batch,
-                    num_classes=config.num_classes, names=names)
+    return evaluate_across_hosts(specs, eval_set.images, eval_set.labels, norm.mean, norm.std,
+                                 batch, num_classes=config.num_classes, names=names)
 
   # The no-training floor: student with the teacher's weights, ranges calibrated.
   student_init = models.student.init(

@@ -189,3 +189,26 @@ def test_resnet_on_real_images():
   want = np.argmax(np.asarray(jax.jit(model.apply)(variables, x)), axis=1)
   assert np.mean(res.predictions[0] == want) >= 0.99  # float reassociation may flip a tie
   assert res.agreement[1] >= 0.99
+
+
+def test_host_sharded_counts_combine_to_the_single_host_result():
+  """Two simulated hosts, each evaluating images[p::2], sum to the full evaluation."""
+  from dfq_jax.evaluate import combine_host_counts, evaluate, host_counts
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8)
+  labels = rng.integers(0, 7, 37).astype(np.int32)
+  w = rng.normal(size=(48, 7)).astype(np.float32)
+  model_a = lambda x: x.reshape(x.shape[0], -1) @ w
+  model_b = lambda x: x.reshape(x.shape[0], -1) @ (w + 0.5 * np.sign(w))
+  names = ("a", "b")
+  mean, std = (0.5,) * 3, (0.25,) * 3
+  full = evaluate([model_a, model_b], images, labels, mean, std, 8, num_classes=7, names=names)
+  parts = [evaluate([model_a, model_b], images[p::2], labels[p::2], mean, std, 8,
+                    num_classes=7, names=names) for p in range(2)]
+  combined = combine_host_counts(np.stack([host_counts(r) for r in parts]), names, 7,
+                                 full.topk, 0.0)
+  assert combined.n == 37
+  np.testing.assert_array_equal(combined.correct1, full.correct1)
+  np.testing.assert_array_equal(combined.correct5, full.correct5)
+  np.testing.assert_allclose(combined.agreement, full.agreement)
+  np.testing.assert_allclose(combined.per_class_top1, full.per_class_top1)
