@@ -82,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.milestones = (100, 200, 300)
 
   c.batch_size = 16               # global batch, split over all devices
+  c.student_forward = "shared"    # AdaDFQ: one student forward for both steps | separate
   c.stats_scope = "global"        # global (sync-BN, device-count independent) | per_device
   c.epochs = 400
   c.iters_per_epoch = 200

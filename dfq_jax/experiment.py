@@ -81,6 +81,8 @@ def validate_config(config) -> None:
   elif config.data.source != "digits":
     raise ValueError(f"data.source={config.data.source!r} is unknown: use imagefolder, "
                      "tfds or digits.")
+  if config.student_forward not in ("shared", "separate"):
+    raise ValueError(f"student_forward={config.student_forward!r}: use shared or separate.")
   if config.stats_scope not in ("global", "per_device"):
     raise ValueError(f"stats_scope={config.stats_scope!r}: use global or per_device.")
   if config.calib.source not in ("noise", "real"):

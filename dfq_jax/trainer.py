@@ -16,6 +16,12 @@ count); 'per_device' computes them on each device's shard (the PyTorch single-GP
 semantics) with `jax.shard_map`, averaging losses and synchronising ranges (pmin/pmax). Methods differ only in their pure loss
 functions (dfq_jax/methods/*).
 
+AdaDFQ's generator loss needs the student's logits on the same images: by default one
+student forward serves both steps through `jax.vjp` (config.student_forward='shared',
+one activation-range update per iteration); 'separate' (and parity) runs the original
+code's two forwards (two range updates per iteration). After the ranges freeze the two
+give the same result (tested).
+
 SIGTERM (TPU preemption, SLURM) makes the loop write a checkpoint after the current step
 and stop with `Preempted`; the same command resumes. The student with the best
 evaluation top-1 is also kept in <workdir>/best_student.
@@ -109,6 +115,8 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
     return {"params": params, "batch_stats": st["batch_stats"], "quant_stats": quant_stats}
 
   per_device = config.stats_scope == "per_device"
+  shared_student_forward = (method.USES_STUDENT_IN_GENERATOR_LOSS and not per_device
+                            and not config.parity and config.student_forward == "shared")
 
   def per_device_map(fn, in_specs, out_specs):
     """Runs `fn` on each device's shard of the batch (stats_scope='per_device').
@@ -139,62 +147,102 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
       new_qs = _select(update_ranges, upd["quant_stats"], quant_stats)
       return logits, new_qs
 
-    # ---- generator step -------------------------------------------------------
-    def gen_forward(gen_params, student_params, quant_stats, z, labels, k_loss):
-      if per_device:  # independent SCI noise per device
-        k_loss = jax.random.fold_in(k_loss, jax.lax.axis_index("data"))
-      images = models.generator.apply({"params": gen_params}, z, labels)
-      t_logits, t_vars = models.teacher.apply(teacher_vars, images, mutable=["bn_stats"])
-      s_logits = None
-      if method.USES_STUDENT_IN_GENERATOR_LOSS:
-        s_logits, quant_stats = student_forward(student_params, quant_stats, images)
-      loss, terms = method.generator_loss(
-          hp, images=images, labels=labels, teacher_logits=t_logits,
-          bn_stats=t_vars["bn_stats"], running_stats=teacher_vars["batch_stats"],
-          student_logits=s_logits, constants=constants, key=k_loss)
-      loss, terms = mean_over_devices((loss, terms))
-      return loss, (terms, images, t_logits, quant_stats)
-
-    gen_forward = per_device_map(
-        gen_forward, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
-        out_specs=(P(), (P(), P("data"), P("data"), P())))
-
-    def gen_loss_fn(gen_params):
-      return gen_forward(gen_params, st["params"], st["quant_stats"], z, labels, k_loss)
-
-    (g_loss, (g_terms, images, t_logits, quant_stats)), g_grads = jax.value_and_grad(
-        gen_loss_fn, has_aux=True)(state["gen"]["params"])
     lr_g = schedule_lib.multistep_lr(config.generator.lr, step, timeline.generator_milestones)
-    g_updates, g_opt = gen_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
-    gen_params = jax.tree.map(lambda p, u: p - lr_g * u, state["gen"]["params"], g_updates)
-
-    # ---- student step on the same, detached batch -----------------------------
-    images = jax.lax.stop_gradient(images)
-    t_logits = jax.lax.stop_gradient(t_logits)
-
-    def stu_forward(params, quant_stats, images, t_logits, labels):
-      s_logits, new_qs = student_forward(params, quant_stats, images)
-      loss, terms = method.student_loss(hp, student_logits=s_logits, teacher_logits=t_logits,
-                                        labels=labels)
-      loss, terms = mean_over_devices((loss, terms))
-      return loss, (terms, new_qs)
-
-    stu_forward = per_device_map(
-        stu_forward, in_specs=(P(), P(), P("data"), P("data"), P("data")),
-        out_specs=(P(), (P(), P())))
-
-    def stu_loss_fn(params):
-      return stu_forward(params, quant_stats, images, t_logits, labels)
-
     lr_q = schedule_lib.multistep_lr(config.student.lr, step, timeline.student_milestones)
-    if train_student:
-      (s_loss, (s_terms, new_qs)), s_grads = jax.value_and_grad(
-          stu_loss_fn, has_aux=True)(st["params"])
+
+    def apply_generator_update(g_grads):
+      g_updates, g_opt = gen_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
+      params = jax.tree.map(lambda p, u: p - lr_g * u, state["gen"]["params"], g_updates)
+      return params, g_opt
+
+    def apply_student_update(s_grads):
       s_updates, s_opt = stu_tx.update(s_grads, st["opt"], st["params"])
-      s_params = jax.tree.map(lambda p, u: p - lr_q * u, st["params"], s_updates)
+      return jax.tree.map(lambda p, u: p - lr_q * u, st["params"], s_updates), s_opt
+
+    if shared_student_forward:
+      # One student forward serves both steps (AdaDFQ): its vjp gives the gradient w.r.t.
+      # the images for the generator loss and w.r.t. the parameters for the student loss.
+      # The generator step only takes grads w.r.t. G; the student step only w.r.t. Q.
+      def forward(gen_params, s_params):
+        images = models.generator.apply({"params": gen_params}, z, labels)
+        t_logits, t_vars = models.teacher.apply(teacher_vars, images, mutable=["bn_stats"])
+        s_logits, new_qs = student_forward(s_params, st["quant_stats"], images)
+        loss, terms = method.generator_loss(
+            hp, images=images, labels=labels, teacher_logits=t_logits,
+            bn_stats=t_vars["bn_stats"], running_stats=teacher_vars["batch_stats"],
+            student_logits=s_logits, constants=constants, key=k_loss)
+        return (loss, s_logits), (terms, t_logits, new_qs)
+
+      (g_loss, s_logits), vjp_fn, (g_terms, t_logits, new_qs) = jax.vjp(
+          forward, state["gen"]["params"], st["params"], has_aux=True)
+      g_grads, _ = vjp_fn((jnp.ones_like(g_loss), jnp.zeros_like(s_logits)))
+      gen_params, g_opt = apply_generator_update(g_grads)
+      t_logits = jax.lax.stop_gradient(t_logits)
+
+      def stu_loss_of_logits(logits):
+        return method.student_loss(hp, student_logits=logits, teacher_logits=t_logits,
+                                   labels=labels)
+
+      (s_loss, s_terms), ct_logits = jax.value_and_grad(stu_loss_of_logits, has_aux=True)(
+          s_logits)
+      if train_student:
+        _, s_grads = vjp_fn((jnp.zeros_like(g_loss), ct_logits))
+        s_params, s_opt = apply_student_update(s_grads)
+      else:
+        s_params, s_opt = st["params"], st["opt"]
     else:
-      s_loss, (s_terms, new_qs) = stu_loss_fn(st["params"])
-      s_params, s_opt = st["params"], st["opt"]
+      # ---- generator step -------------------------------------------------------
+      def gen_forward(gen_params, student_params, quant_stats, z, labels, k_loss):
+        if per_device:  # independent SCI noise per device
+          k_loss = jax.random.fold_in(k_loss, jax.lax.axis_index("data"))
+        images = models.generator.apply({"params": gen_params}, z, labels)
+        t_logits, t_vars = models.teacher.apply(teacher_vars, images, mutable=["bn_stats"])
+        s_logits = None
+        if method.USES_STUDENT_IN_GENERATOR_LOSS:
+          s_logits, quant_stats = student_forward(student_params, quant_stats, images)
+        loss, terms = method.generator_loss(
+            hp, images=images, labels=labels, teacher_logits=t_logits,
+            bn_stats=t_vars["bn_stats"], running_stats=teacher_vars["batch_stats"],
+            student_logits=s_logits, constants=constants, key=k_loss)
+        loss, terms = mean_over_devices((loss, terms))
+        return loss, (terms, images, t_logits, quant_stats)
+
+      gen_forward = per_device_map(
+          gen_forward, in_specs=(P(), P(), P(), P("data"), P("data"), P()),
+          out_specs=(P(), (P(), P("data"), P("data"), P())))
+
+      def gen_loss_fn(gen_params):
+        return gen_forward(gen_params, st["params"], st["quant_stats"], z, labels, k_loss)
+
+      (g_loss, (g_terms, images, t_logits, quant_stats)), g_grads = jax.value_and_grad(
+          gen_loss_fn, has_aux=True)(state["gen"]["params"])
+      gen_params, g_opt = apply_generator_update(g_grads)
+
+      # ---- student step on the same, detached batch -----------------------------
+      images = jax.lax.stop_gradient(images)
+      t_logits = jax.lax.stop_gradient(t_logits)
+
+      def stu_forward(params, quant_stats, images, t_logits, labels):
+        s_logits, new_qs = student_forward(params, quant_stats, images)
+        loss, terms = method.student_loss(hp, student_logits=s_logits, teacher_logits=t_logits,
+                                          labels=labels)
+        loss, terms = mean_over_devices((loss, terms))
+        return loss, (terms, new_qs)
+
+      stu_forward = per_device_map(
+          stu_forward, in_specs=(P(), P(), P("data"), P("data"), P("data")),
+          out_specs=(P(), (P(), P())))
+
+      def stu_loss_fn(params):
+        return stu_forward(params, quant_stats, images, t_logits, labels)
+
+      if train_student:
+        (s_loss, (s_terms, new_qs)), s_grads = jax.value_and_grad(
+            stu_loss_fn, has_aux=True)(st["params"])
+        s_params, s_opt = apply_student_update(s_grads)
+      else:
+        s_loss, (s_terms, new_qs) = stu_loss_fn(st["params"])
+        s_params, s_opt = st["params"], st["opt"]
 
     new_state = dict(state)
     new_state["step"] = step + 1

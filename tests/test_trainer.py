@@ -181,3 +181,29 @@ def test_same_seed_is_bit_identical_and_another_seed_differs(tiny_teacher_dir, t
     np.testing.assert_array_equal(x, y)
   assert not np.array_equal(sa["gen"]["params"]["conv3"]["kernel"],
                             sc["gen"]["params"]["conv3"]["kernel"])
+
+
+def test_shared_student_forward_equals_two_forwards_once_ranges_freeze(tiny_teacher_dir):
+  from dfq_jax import experiment
+  setups = {}
+  for mode in ("separate", "shared"):
+    config = tiny_config(tiny_teacher_dir, "adadfq", student_forward=mode)
+    models = experiment.build_models(config, experiment.load_teacher(config))
+    setups[mode] = trainer.setup_training(config, models)
+  sep = setups["separate"]
+  state = sep.state
+  for _ in range(2):   # warm-up and range updates (min_phase_steps=2)
+    state, _ = sep.step_fn(state, sep.teacher_vars, sep.constants, False)
+  start = jax.device_get(state)
+  out = {}
+  for mode, setup in setups.items():
+    s = jax.device_put(start)
+    for _ in range(3):
+      s, metrics = setup.step_fn(s, setup.teacher_vars, setup.constants, True)
+    out[mode] = (jax.device_get(s), jax.device_get(metrics))
+  (s_sep, m_sep), (s_sh, m_sh) = out["separate"], out["shared"]
+  for key in m_sep:
+    np.testing.assert_allclose(m_sh[key], m_sep[key], rtol=1e-4, atol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(s_sep["student"]), jax.tree.leaves(s_sh["student"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert int(s_sh["step"]) == 5
