@@ -92,3 +92,59 @@ def test_batch_not_divisible_by_devices_message():
     pytest.skip("every batch divides one device (covered by the 8-device tests)")
   with pytest.raises(ValueError, match="not divisible"):
     experiment.validate_config(config)
+
+
+def test_full_disk_keeps_the_previous_results_file(tmp_path, monkeypatch):
+  import errno
+  from dfq_jax import metrics as metrics_lib
+  path = tmp_path / "results.json"
+  metrics_lib.write_json_atomic(str(path), {"final_top1": 50.0})
+
+  def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(metrics_lib.os, "replace", no_space)
+  with pytest.raises(OSError, match="No space"):
+    metrics_lib.write_json_atomic(str(path), {"final_top1": 99.0})
+  assert json.loads(path.read_text()) == {"final_top1": 50.0}   # old file intact
+  assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
+
+
+def test_sigkill_at_an_arbitrary_point_then_resume_matches(tiny_teacher_dir, tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def args(workdir):
+    return [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py:adadfq",
+            f"--workdir={workdir}", "--config.teacher.layout=orbax",
+            f"--config.teacher.weights={tiny_teacher_dir}", "--config.total_steps=60",
+            "--config.ckpt_every_steps=7", "--config.eval_every_steps=30",
+            "--config.log_every_steps=1", "--config.generator.width=16",
+            "--config.batch_size=8", "--config.data.limit=64", "--config.sample_every_steps=0",
+            "--config.min_phase_steps=10"]
+
+  ref = subprocess.run(args(tmp_path / "ref"), cwd=root, capture_output=True, text=True,
+                       timeout=600)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  cut = tmp_path / "cut"
+  proc = subprocess.Popen(args(cut), cwd=root, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  metrics = cut / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)   # no handler can run: mid-step or mid-checkpoint
+  proc.wait(timeout=60)
+  assert not (cut / "results.json").exists()
+  again = subprocess.run(args(cut), cwd=root, capture_output=True, text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "Resumed from" in again.stdout
+  a = json.loads((tmp_path / "ref" / "results.json").read_text())
+  b = json.loads((cut / "results.json").read_text())
+  for key in ("final_top1", "best_top1", "best_step", "quant_top1_before", "fp_top1"):
+    assert a[key] == b[key], key
