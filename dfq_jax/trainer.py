@@ -471,7 +471,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
     final_top1 = evaluate_student(student_vars(state["student"]))
   return {
       "final_top1": final_top1,
-      "best_top1": float(state["best_top1"]),
+      "best_top1": round(float(state["best_top1"]), 4),  # stored as float32
       "best_step": int(state["best_step"]),
       "steps": timeline.total_steps,
       "train_wall_s": time.perf_counter() - t_start,
