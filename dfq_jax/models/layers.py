@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfq_jax.quant.layers import QConv
+
 BN_STATS = "bn_stats"
 
 
@@ -115,3 +117,15 @@ class BatchNorm(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(x.dtype)
     return y
+
+
+def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: bool):
+  """Identity, or conv1x1/stride + BN where the shape changes (ResNet option B).
+
+  Call inside a compact module: creates `shortcut_conv` and `shortcut_bn` there.
+  """
+  if stride == 1 and x.shape[-1] == features:
+    return x
+  x = QConv(features, (1, 1), (stride, stride), padding="VALID", quant=quant,
+            name="shortcut_conv")(x)
+  return BatchNorm(use_running_average=not train, name="shortcut_bn")(x)

@@ -18,12 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfq_jax.models.layers import BatchNorm
+from dfq_jax.models.layers import BatchNorm, projection_shortcut
 from dfq_jax.quant.layers import QConv, QDense, QuantAct, QuantPolicy
 
 
 class BasicBlock(nn.Module):
-  """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU."""
+  """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU (also the ImageNet ResNet-18/34 block)."""
   planes: int
   stride: int = 1
   shortcut: str = "A"
@@ -39,15 +39,12 @@ class BasicBlock(nn.Module):
     out = QConv(self.planes, (3, 3), quant=self.quant, name="conv2")(out)
     out = bn("bn2")(out)
     in_planes = x.shape[-1]
-    if self.stride != 1 or in_planes != self.planes:
-      if self.shortcut == "A":
-        pad = self.planes // 4
-        x = x[:, ::2, ::2, :]
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, self.planes - in_planes - pad)))
-      else:
-        x = QConv(self.planes, (1, 1), s, padding="VALID", quant=self.quant,
-                  name="shortcut_conv")(x)
-        x = bn("shortcut_bn")(x)
+    if self.shortcut == "B":
+      x = projection_shortcut(x, self.planes, self.stride, self.quant, train)
+    elif self.stride != 1 or in_planes != self.planes:
+      pad = self.planes // 4
+      x = x[:, ::2, ::2, :]
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, self.planes - in_planes - pad)))
     out = nn.relu(out + x)
     return QuantAct(self.quant, name="act2")(out)
 

@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfq_jax.models.layers import BatchNorm
+from dfq_jax.models.layers import BatchNorm, projection_shortcut
+from dfq_jax.models.resnet_cifar import BasicBlock
 from dfq_jax.quant.layers import QConv, QDense, QuantAct, QuantPolicy
 
 # depth -> (block kind, blocks per stage)
@@ -43,25 +44,6 @@ def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1)
   return jax.lax.reduce_window(
       x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
       ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-
-
-class BasicBlock(nn.Module):
-  """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU; outputs `planes` channels."""
-  planes: int
-  stride: int = 1
-  conv1_stride: bool = False  # unused: basic blocks stride on conv1 (their only choice)
-  quant: QuantPolicy | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    bn = lambda name: BatchNorm(use_running_average=not train, name=name)
-    s = (self.stride, self.stride)
-    out = QConv(self.planes, (3, 3), s, quant=self.quant, name="conv1")(x)
-    out = QuantAct(self.quant, name="act1")(nn.relu(bn("bn1")(out)))
-    out = QConv(self.planes, (3, 3), quant=self.quant, name="conv2")(out)
-    out = bn("bn2")(out)
-    x = _shortcut(x, self.planes, self.stride, self.quant, train)
-    return QuantAct(self.quant, name="act2")(nn.relu(out + x))
 
 
 class Bottleneck(nn.Module):
@@ -82,16 +64,8 @@ class Bottleneck(nn.Module):
     out = QuantAct(self.quant, name="act2")(nn.relu(bn("bn2")(out)))
     out = QConv(4 * self.planes, (1, 1), quant=self.quant, name="conv3")(out)
     out = bn("bn3")(out)
-    x = _shortcut(x, 4 * self.planes, self.stride, self.quant, train)
+    x = projection_shortcut(x, 4 * self.planes, self.stride, self.quant, train)
     return QuantAct(self.quant, name="act3")(nn.relu(out + x))
-
-
-def _shortcut(x, features, stride, quant, train):
-  """Identity, or conv1x1/stride + BN where the shape changes (created in the caller)."""
-  if stride == 1 and x.shape[-1] == features:
-    return x
-  x = QConv(features, (1, 1), (stride, stride), quant=quant, name="shortcut_conv")(x)
-  return BatchNorm(use_running_average=not train, name="shortcut_bn")(x)
 
 
 class ResNet(nn.Module):
@@ -122,7 +96,6 @@ class ResNet(nn.Module):
       raise ValueError(f"ImageNet ResNet depth must be one of {sorted(RESNET_SPECS)}; "
                        f"got {self.depth}.")
     kind, stage_sizes = RESNET_SPECS[self.depth]
-    block_cls = BasicBlock if kind == "basic" else Bottleneck
     x = QConv(self.width, (7, 7), (2, 2), quant=self.quant, role="first", name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
     x = QuantAct(self.quant, name="act1")(x)
@@ -131,7 +104,11 @@ class ResNet(nn.Module):
       planes = self.width * 2**stage
       for block in range(n_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = block_cls(planes, stride, self.conv1_stride, self.quant,
-                      name=f"layer{stage + 1}_{block}")(x, train)
+        name = f"layer{stage + 1}_{block}"
+        if kind == "basic":
+          block_module = BasicBlock(planes, stride, "B", self.quant, name=name)
+        else:
+          block_module = Bottleneck(planes, stride, self.conv1_stride, self.quant, name=name)
+        x = block_module(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, quant=self.quant, role="last", name="fc")(x)
