@@ -16,6 +16,7 @@ import re
 import ml_collections
 
 METHODS = ("gdfq", "dsg", "adadfq", "eval", "dsg_ptq", "zeroq_ptq")
+PTQ_METHODS = ("dsg_ptq", "zeroq_ptq")
 _BITS_RE = re.compile(r"^w(\d+)a(\d+)$")
 
 
@@ -63,6 +64,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.calib.split = "train"         # real calibration images come from this split
   c.calib.batch_size = 256
   c.calib.batches = 1
+  c.calib.method = "minmax"       # activation-range observer: minmax | sample_mean |
+                                  # percentile | mse (methods.md §4.1; PTQ calibrates
+                                  # on its synthetic set with it)
+  c.calib.percentile = 99.999     # observer 'percentile': upper percentile
+
+  # Data-free PTQ (methods dsg_ptq, zeroq_ptq; dfq_jax/ptq/synthesis.py): images optimised
+  # through the teacher, then the student's ranges calibrated on them (no fine-tuning).
+  # ':dsg_ptq' / ':zeroq_ptq' set the original codes' values (synthesis.PRESETS).
+  c.ptq = ml_collections.ConfigDict()
+  c.ptq.objective = ""            # set by the method argument; must equal the method
+  c.ptq.steps = 500
+  c.ptq.lr = 0.9
+  c.ptq.plateau_patience = 260
+  c.ptq.min_lr = 1e-4
+  c.ptq.batch_size = 64           # images per optimised batch (DSG README: 64)
+  c.ptq.batches = 1
+  c.ptq.init = "uniform"          # uniform (U[0,1), the codes) | normal
+  c.ptq.slack = True              # DSG slack margins (False: ZeroQ, no margin)
+  c.ptq.margin_percentile = 30.0
+  c.ptq.lse = "ptq"               # off | ptq (code: sample b = layer l < 20) | modulo
+  c.ptq.lse_factor = 2.0
+  c.ptq.sci = "logged"            # off | differentiable | logged (code: no gradient)
+  c.ptq.sci_weight = 0.0          # 0 = 1/L
+  c.ptq.ce_weight = 2.0           # the DSG code adds CE twice
+  c.ptq.tv_weight = 0.01
+  c.ptq.l2_weight = 0.01
+  c.ptq.jitter = 30
+  c.ptq.input_prior = True
+  c.ptq.samples_path = ""         # reuse a synthetic.npz instead of synthesising
+  c.ptq.log_every_steps = 100
+  c.ptq.diagnose_real = True      # diversity diagnostics of as many real images too
 
   c.generator = ml_collections.ConfigDict()
   c.generator.name = "cifar"
@@ -152,6 +184,18 @@ def apply_flags(config: ml_collections.ConfigDict, flags: list[str]) -> None:
       raise ValueError(
           f"config argument {flag!r} is unknown: use a method ({', '.join(METHODS)}), "
           "bits like w4a4, 'parity', or key=value.")
+  if config.method in PTQ_METHODS:
+    apply_ptq_preset(config, config.method)
+
+
+def apply_ptq_preset(config: ml_collections.ConfigDict, method: str) -> None:
+  """Sets config.ptq to the original code's settings of `method` (dsg_ptq | zeroq_ptq)."""
+  from dfq_jax.ptq.synthesis import PRESETS  # pylint: disable=g-import-not-at-top
+  config.ptq.objective = method
+  for key, value in PRESETS[method].items():
+    config.ptq[key] = value
+  # The DSG code calibrates with per-sample ranges averaged ('ema'); ZeroQ with min/max.
+  config.calib.method = "sample_mean" if method == "dsg_ptq" else "minmax"
 
 
 def paper_config(arg, *, dataset: str, model: str, layout: str, shortcut: str = "A",

@@ -87,6 +87,19 @@ def validate_config(config) -> None:
     raise ValueError(f"stats_scope={config.stats_scope!r}: use global or per_device.")
   if config.calib.source not in ("noise", "real"):
     raise ValueError(f"calib.source={config.calib.source!r}: use noise or real.")
+  if config.calib.method not in numerics.OBSERVERS:
+    raise ValueError(f"calib.method={config.calib.method!r} is unknown: use one of "
+                     f"{numerics.OBSERVERS}.")
+  if not 50.0 < config.calib.percentile <= 100.0:
+    raise ValueError(f"calib.percentile={config.calib.percentile} must lie in (50, 100].")
+  if config.method in config_base.PTQ_METHODS:
+    if config.ptq.objective != config.method:
+      raise ValueError(
+          f"method={config.method!r} was set without its defaults: select a PTQ method "
+          f"with the config argument (e.g. configs/cifar10_resnet20.py:{config.method},w4a4)"
+          ", not with --config.method.")
+    from dfq_jax.ptq import synthesis  # pylint: disable=g-import-not-at-top
+    synthesis.PtqHparams.from_config(config)
   for name in ("batch_size", "epochs", "iters_per_epoch"):
     if int(config[name]) <= 0:
       raise ValueError(f"{name}={config[name]} must be positive.")
@@ -175,14 +188,18 @@ def load_eval_set(config, split: str | None = None, limit: int | None = None) ->
   return ds
 
 
-def calibrate_ranges(student, variables: dict, batches) -> dict:
-  """Activation ranges (running min/max) of `student` over float NHWC `batches`.
+def calibrate_ranges(student, variables: dict, batches, *, observer: str = "minmax",
+                     percentile: float = 99.999) -> dict:
+  """Activation ranges of `student` over float NHWC `batches`.
 
-  Returns the `quant_stats` tree. The student is re-bound to range_mode='minmax' for the
-  calibration, so several batches give their overall min/max.
+  Each batch gives every QuantAct a (min, max) by `observer` (numerics.observe_range:
+  minmax, sample_mean, percentile or mse), computed on its input in the same forward,
+  where the earlier layers are already quantized with their new ranges (ZeroQ/DSG-PTQ);
+  several batches combine by running min / max. Returns the `quant_stats` tree.
   """
   calib_model = student.clone(
-      quant=dataclasses.replace(student.quant, range_mode="minmax", axis_name=None))
+      quant=dataclasses.replace(student.quant, range_mode="minmax", axis_name=None,
+                                observer=observer, percentile=percentile))
 
   @jax.jit
   def update(quant_stats, x):

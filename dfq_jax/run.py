@@ -5,6 +5,7 @@
     teacher weights, student policy, generator; the real eval set
     FP top-1; the no-training floor (student ranges calibrated on noise or real images)
     method 'eval': stop here | gdfq/dsg/adadfq: the shared trainer (resumable)
+                            | dsg_ptq/zeroq_ptq: synthesis + calibration (ptq/pipeline.py)
     results.json (atomic)
 """
 
@@ -18,10 +19,12 @@ import time
 import jax
 import ml_collections
 
+from dfq_jax import config_base
 from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import trainer
 from dfq_jax.evaluate import evaluate_across_hosts
+from dfq_jax.ptq import pipeline as ptq_pipeline
 
 # Keys that may change between a run and its resumption without changing the result.
 _RESUMABLE_KEYS = ("log_every_steps", "eval_every_steps", "ckpt_every_steps",
@@ -103,7 +106,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
   calib_vars = {**teacher_vars, "quant_stats": student_init.get("quant_stats", {})}
   calib_vars["quant_stats"] = experiment.calibrate_ranges(
       models.student, calib_vars,
-      experiment.calibration_batches(config, norm, jax.random.key(config.seed + 7)))
+      experiment.calibration_batches(config, norm, jax.random.key(config.seed + 7)),
+      observer=config.calib.method, percentile=config.calib.percentile)
   before = eval_models([(models.teacher.apply, teacher_vars), (models.student.apply, calib_vars)],
                        ["fp", "quantized"])
   log(before.summary())
@@ -119,7 +123,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
       "fp_top5": 100 * float(before.top5[0]),
       "calibration": (f"{config.calib.batches}x{config.calib.batch_size} "
                       + ("N(0,1) noise" if config.calib.source == "noise"
-                         else f"real images ({config.calib.split})")),
+                         else f"real images ({config.calib.split})")
+                      + f", {config.calib.method}"),
       "seed": config.seed,
       "parity": bool(config.parity),
   }
@@ -127,16 +132,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
     results.update({"quant_top1": 100 * float(before.top1[1]),
                     "quant_top5": 100 * float(before.top5[1]),
                     "agreement": 100 * float(before.agreement[1])})
-  elif config.method in ("gdfq", "dsg", "adadfq"):
+  else:
     results["quant_top1_before"] = 100 * float(before.top1[1])
 
     def evaluate_student(student_vars):
       r = eval_models([(models.student.apply, student_vars)], ["student"])
       return 100 * float(r.top1[0])
 
-    results.update(trainer.train(config, workdir, models, evaluate_student, norm, log=log))
-  else:
-    raise NotImplementedError(f"method {config.method!r} is not available yet.")
+    if config.method in config_base.PTQ_METHODS:
+      results.update(ptq_pipeline.run_ptq(config, workdir, models, evaluate_student, norm,
+                                          log=log))
+    else:
+      results.update(trainer.train(config, workdir, models, evaluate_student, norm, log=log))
   results["wall_s"] = time.perf_counter() - t0
   if metrics_lib.is_writer():
     metrics_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)

@@ -49,6 +49,10 @@ class QuantPolicy:
     range_mode: 'parity' (GDFQ bias-corrected EMA), 'ema' (plain EMA) or 'minmax'.
     range_decay: EMA decay beta (0.9 in the papers).
     axis_name: mapped axis over which batch min/max are reduced (inside shard_map).
+    observer: how one batch of activations gives its (min, max) before the range update
+      ('minmax' in training; 'sample_mean', 'percentile' or 'mse' for PTQ calibration,
+      see `numerics.observe_range`).
+    percentile: the upper percentile of observer='percentile'.
   """
   w_bits: int = 4
   a_bits: int = 4
@@ -58,6 +62,8 @@ class QuantPolicy:
   range_mode: str = "parity"
   range_decay: float = 0.9
   axis_name: str | None = None
+  observer: str = "minmax"
+  percentile: float = 99.999
 
   def __post_init__(self):
     _check_layer_bits(self.w_bits, "w_bits")
@@ -76,6 +82,11 @@ class QuantPolicy:
     if self.range_mode not in numerics.RANGE_MODES:
       raise ValueError(f"range_mode={self.range_mode!r} is unknown: use one of "
                        f"{numerics.RANGE_MODES}.")
+    if self.observer not in numerics.OBSERVERS:
+      raise ValueError(f"observer={self.observer!r} is unknown: use one of "
+                       f"{numerics.OBSERVERS}.")
+    if not 50.0 < self.percentile <= 100.0:
+      raise ValueError(f"percentile={self.percentile} must lie in (50, 100].")
     if not 0.0 < self.range_decay < 1.0:
       raise ValueError(f"range_decay={self.range_decay} must lie in (0, 1).")
 
@@ -219,9 +230,8 @@ class QuantAct(nn.Module):
     x_max = self.variable("quant_stats", "x_max", zeros)
     beta_t = self.variable("quant_stats", "beta_t", lambda: jnp.ones((), jnp.float32))
     if self.is_mutable_collection("quant_stats") and not self.is_initializing():
-      stop = jax.lax.stop_gradient
-      batch_min = stop(jnp.min(x)).astype(jnp.float32)
-      batch_max = stop(jnp.max(x)).astype(jnp.float32)
+      batch_min, batch_max = numerics.observe_range(
+          x, observer=self.quant.observer, bits=bits, percentile=self.quant.percentile)
       if self.quant.axis_name is not None:
         batch_min = jax.lax.pmin(batch_min, self.quant.axis_name)
         batch_max = jax.lax.pmax(batch_max, self.quant.axis_name)

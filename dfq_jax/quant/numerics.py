@@ -27,6 +27,8 @@ import jax.numpy as jnp
 MIN_BITS = 2
 MAX_BITS = 8
 RANGE_MODES = ("parity", "ema", "minmax")
+# How one batch of activations becomes a (min, max) range (DSG/ZeroQ PTQ `--act_q_method`).
+OBSERVERS = ("minmax", "sample_mean", "percentile", "mse")
 
 
 def check_bits(bits: int, what: str = "bits") -> int:
@@ -132,3 +134,45 @@ def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
   else:
     raise ValueError(f"range mode {mode!r} is unknown: use one of {RANGE_MODES}.")
   return lo, hi, new_beta_t
+
+
+def observe_range(x: jax.Array, *, observer: str = "minmax", bits: int = 8,
+                  percentile: float = 99.999, mse_steps: int = 80,
+                  mse_shrink: float = 0.01) -> tuple[jax.Array, jax.Array]:
+  """The (lo, hi) range one batch of activations `x` [B, ...] suggests (no gradient).
+
+  Observers (DSG-PTQ / ZeroQ calibration, methods.md §4.1):
+    minmax: min and max over the whole batch tensor (the GDFQ/ZeroQ rule).
+    sample_mean: min and max of each sample, averaged over the batch (the DSG code's
+      `--act_q_method ema`); outliers of single samples count 1/B.
+    percentile: the (100 - p)-th and p-th percentiles of all values (p = `percentile`,
+      99.999 in the DSG code).
+    mse: lo = min; hi searched over max - k·shrink·(max - min), k = 0..mse_steps-1
+      (80 steps of 1 % in the DSG code), minimising ‖x − fake_quant(x)‖₂ at `bits`.
+
+  Returns:
+    (lo, hi) float32 scalars.
+  """
+  x = jax.lax.stop_gradient(x).astype(jnp.float32)
+  if observer == "minmax":
+    return jnp.min(x), jnp.max(x)
+  if observer == "sample_mean":
+    flat = x.reshape(x.shape[0], -1)
+    return jnp.mean(jnp.min(flat, axis=1)), jnp.mean(jnp.max(flat, axis=1))
+  if observer == "percentile":
+    if not 50.0 < percentile <= 100.0:
+      raise ValueError(f"percentile={percentile} must lie in (50, 100].")
+    lo, hi = jnp.percentile(x, jnp.asarray([100.0 - percentile, percentile]))
+    return lo, hi
+  if observer == "mse":
+    lo, hi = jnp.min(x), jnp.max(x)
+    span = hi - lo
+
+    def error(k):
+      candidate = hi - k * mse_shrink * span
+      return jnp.sum(jnp.square(x - asym_fake_quant(x, bits, lo, candidate)))
+
+    errors = jax.lax.map(error, jnp.arange(mse_steps, dtype=jnp.float32))
+    best = jnp.argmin(errors).astype(jnp.float32)  # first minimum: the widest best range
+    return lo, hi - best * mse_shrink * span
+  raise ValueError(f"observer {observer!r} is unknown: use one of {OBSERVERS}.")

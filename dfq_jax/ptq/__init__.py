@@ -1,0 +1,1 @@
+"""Data-free post-training quantization: sample synthesis, calibration, diagnostics."""
