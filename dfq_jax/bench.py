@@ -12,14 +12,27 @@ do not change the speed: without --config.teacher.weights a random teacher is us
       --config.teacher.weights=... --config.data.root=...
 runs every method x bits x seed (each in its own workdir under --out, resumable) and
 writes grid.json and grid.md: mean +- std over seeds of final and best top-1, wall time.
+
+  python -m dfq_jax.bench compare --config configs/cifar10_resnet20.py:adadfq,w4a4 \
+      [--batch 16] [--steps 10] [--warmup 3] [--rounds 3] [--torch_python PYTHON] \
+      [--peak_gflops 209] [--config.x=y ...]
+alternates, each in a fresh subprocess, `bench speed` (same config, overrides, batch, steps,
+warm-up) and the eager PyTorch reference dfq_jax/reference/torch_adadfq.py (J T J T ...,
+--rounds times each) and prints one JSON line: per-round medians, the median of the round
+medians for each, speedup = torch / JAX, JAX compile_s, flops_per_step and the fraction of
+the --peak_gflops matmul peak (209: numpy sgemm on the project's CPU). Needs torch for
+--torch_python (default: this Python): `pip install torch==2.13.0`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 from absl import app
@@ -35,6 +48,15 @@ _METHODS = flags.DEFINE_list("methods", ["gdfq", "dsg", "adadfq"], "accuracy: me
 _BITS = flags.DEFINE_list("bits", ["w4a4", "w3a3"], "accuracy: bit-widths.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "accuracy: seeds 0..K-1 per cell.")
 _OUT = flags.DEFINE_string("out", "runs/grid", "accuracy: output directory.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
+_TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable,
+                                    "compare: Python executable that has torch installed.")
+_PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 209.0,
+                                  "compare: matmul peak (GFLOP/s) for the JAX peak fraction; "
+                                  "<= 0 to omit. 209 = numpy sgemm on the project's CPU.")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_REFERENCE = os.path.join(_ROOT, "dfq_jax", "reference", "torch_adadfq.py")
 
 
 def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
@@ -131,14 +153,124 @@ def accuracy(config, methods_: list[str], bits: list[str], steps: int, seeds: in
   return table
 
 
+class TorchMissingError(RuntimeError):
+  """--torch_python cannot import torch."""
+
+
+def _config_args(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The --config value and the --config.x overrides of a command line, as given."""
+  config_arg, overrides, i = None, [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if re.match(r"^--?config(=|$)", arg):
+      if "=" in arg:
+        config_arg = arg.split("=", 1)[1]
+      elif i + 1 < len(argv):
+        config_arg, i = argv[i + 1], i + 1
+    elif re.match(r"^--?(no)?config\.", arg):
+      overrides.append(arg)
+      name = re.sub(r"^--?(no)?", "", arg)
+      is_bool = name in flags.FLAGS and flags.FLAGS[name].boolean
+      if "=" not in arg and not is_bool and i + 1 < len(argv):
+        overrides.append(argv[i + 1])
+        i += 1
+    i += 1
+  return config_arg, overrides
+
+
+def _run_json(cmd: list[str], what: str) -> dict:
+  """Runs `cmd` from the repository root; returns the last JSON line of its stdout."""
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT, check=False)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                       f"{proc.stderr[-3000:]}")
+  return json.loads(lines[-1])
+
+
+def compare(config, config_arg: str, overrides: list[str], batch: int | None, steps: int,
+            warmup: int, rounds: int, torch_python: str = sys.executable,
+            peak_gflops: float | None = 209.0) -> dict:
+  """JAX `speed` vs the eager torch reference, alternating fresh subprocesses J T J T ...
+
+  Args:
+    config: the parsed config (batch size and bit-widths are read from it).
+    config_arg: the --config value to pass on (FILE[:args]).
+    overrides: the --config.x=y arguments to pass on to the JAX subprocess.
+    batch, steps, warmup: as `speed`; the same for both implementations.
+    rounds: the number of (JAX, torch) pairs.
+    torch_python: a Python executable that can `import torch`.
+    peak_gflops: matmul peak for the JAX fraction of peak (None or <= 0: omitted).
+  Returns:
+    per-round and median step times of both, speedup = torch / JAX, JAX compile time,
+    FLOPs per step and fraction of peak.
+  """
+  if rounds < 1:
+    raise ValueError(f"--rounds must be >= 1; got {rounds}")
+  # The subprocesses run from the repository root: make paths given relative to here absolute.
+  given_config, (path, colon, args) = config_arg, config_arg.partition(":")
+  if os.path.exists(path):
+    config_arg = os.path.abspath(path) + colon + args
+  if os.sep in torch_python and os.path.exists(torch_python):
+    torch_python = os.path.abspath(torch_python)
+  probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__)"],
+                         capture_output=True, text=True, check=False)
+  if probe.returncode != 0:
+    raise TorchMissingError(
+        f"compare needs PyTorch, which {torch_python!r} cannot import. Install it with "
+        f"`{torch_python} -m pip install torch==2.13.0` (CPU wheel), or pass "
+        "--torch_python=/path/to/another/venv/bin/python that has it.")
+  batch = batch or config.batch_size
+  w_bits, a_bits = config.quant.w_bits, config.quant.a_bits
+  jax_cmd = [sys.executable, "-m", "dfq_jax.bench", "speed", f"--config={config_arg}",
+             f"--batch={batch}", f"--steps={steps}", f"--warmup={warmup}", *overrides]
+  torch_cmd = [torch_python, _TORCH_REFERENCE, "--batch", str(batch), "--steps", str(steps),
+               "--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
+  jax_rows, torch_rows = [], []
+  for _ in range(rounds):
+    jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
+    torch_rows.append(_run_json(torch_cmd, "torch reference"))
+  jax_medians = [r["median_step_s"] for r in jax_rows]
+  torch_medians = [r["median_step_s"] for r in torch_rows]
+  jax_median, torch_median = statistics.median(jax_medians), statistics.median(torch_medians)
+  flops = jax_rows[0]["flops_per_step"]
+  gflops_per_s = flops / jax_median / 1e9
+  return {
+      "config": given_config, "overrides": overrides, "method": config.method,
+      "bits": f"w{w_bits}a{a_bits}", "batch": batch, "steps": steps, "warmup": warmup,
+      "rounds": rounds,
+      "jax_round_median_step_s": jax_medians, "torch_round_median_step_s": torch_medians,
+      "jax_median_step_s": jax_median, "torch_median_step_s": torch_median,
+      "speedup": torch_median / jax_median,
+      "jax_images_per_s": batch / jax_median, "torch_images_per_s": batch / torch_median,
+      "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
+      "flops_per_step": flops, "jax_gflops_per_s": gflops_per_s,
+      "peak_gflops": peak_gflops if peak_gflops and peak_gflops > 0 else None,
+      "jax_peak_fraction": (gflops_per_s / peak_gflops
+                            if peak_gflops and peak_gflops > 0 else None),
+      "jax_device_kind": jax_rows[0]["device_kind"],
+      "torch_version": torch_rows[0]["torch_version"], "torch_threads": torch_rows[0]["threads"],
+      "torch_losses_step0": torch_rows[0]["losses_step0"],
+  }
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("speed", "accuracy"):
-    raise app.UsageError("usage: python -m dfq_jax.bench speed|accuracy --config FILE[:args] ...")
+  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare"):
+    raise app.UsageError(
+        "usage: python -m dfq_jax.bench speed|accuracy|compare --config FILE[:args] ...")
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. configs/cifar10_resnet20.py:adadfq,w4a4")
   if argv[1] == "speed":
     print(json.dumps(speed(config, _BATCH.value, _STEPS.value, _WARMUP.value)))
+  elif argv[1] == "compare":
+    config_arg, overrides = _config_args(sys.argv[1:])
+    try:
+      row = compare(config, config_arg, overrides, _BATCH.value, _STEPS.value, _WARMUP.value,
+                    _ROUNDS.value, _TORCH_PYTHON.value, _PEAK_GFLOPS.value)
+    except TorchMissingError as e:
+      sys.exit(f"error: {e}")
+    print(json.dumps(row))
   else:
     accuracy(config, _METHODS.value, _BITS.value, _STEPS.value, _SEEDS.value, _OUT.value)
     with open(os.path.join(_OUT.value, "grid.md")) as f:

@@ -1,0 +1,1 @@
+"""Eager PyTorch reference implementations: speed baselines only (need `pip install torch`)."""

@@ -1,0 +1,377 @@
+r"""Eager PyTorch reference of one AdaDFQ training iteration (CIFAR-10 ResNet-20).
+
+This is the speed baseline of `python -m dfq_jax.bench compare`: what a PyTorch user of the
+original (GDFQ-lineage) code runs today. It is NOT a dependency of dfq_jax and nothing in
+the package imports it; it needs `pip install torch` (tested with torch==2.13.0, CPU).
+It was written from the project's spec (../shared/docs/methods.md §2.1-§2.5 and §5.1) and
+../shared/docs/speed-notes.md, not from the papers' code. It uses only torch and the
+standard library, so it can also run from a separate torch-only virtual environment.
+
+What one iteration does (methods.md §2.1, AdaDFQ losses §5.1), in torch's eager NCHW
+layout with torch's default initialisation:
+  z ~ N(0, I) [B, 100], y ~ U{0..9};  x = G(z, y)                 (G in train mode)
+  t = P(x)   forward hooks on every BN of P read the batch mean and biased variance of the
+             BN input (L_BNS, §2.5); P is in eval mode and frozen
+  q = Q(x)   student with the gradient flowing through the STE into G (its own weight
+             gradients are computed too and discarded, as in the original loop)
+  L_G = h + beta (alpha_ds L_ds + alpha_as L_as) + gamma L_BNS;  Adam step on G only
+  q' = Q(x.detach());  L_Q = -T^2 mean_b H(softmax((t.detach() - q') / T)), T = 20
+  SGD (Nesterov, momentum 0.9, weight decay 1e-4) step on Q
+Two student forwards per iteration, hence two activation-range EMA updates (ranges are
+unfrozen, as in the first 4 epochs of a run; the speed does not depend on it).
+
+Models:
+  G: the GDFQ CIFAR generator (§2.2): label embedding * z -> Linear(100, 128*8*8) -> BN ->
+     up x2 -> conv3x3 128->128 -> BN(eps 0.8) -> LReLU(.2) -> up x2 -> conv3x3 128->64 ->
+     BN(eps 0.8) -> LReLU(.2) -> conv3x3 64->3 -> tanh -> BN(3, affine=False).
+  P: CIFAR ResNet-20 with option-A shortcuts (subsample + zero-padded channels), random
+     init: the weights do not change the speed.
+  Q: a deep copy of P; every Conv2d/Linear fake-quantizes its weight per output channel
+     (min/max of the current weight, STE); a per-tensor QuantAct follows every ReLU module
+     (GDFQ's bias-corrected EMA range, asymmetric fake quant of §2.3, STE). Eval mode.
+
+Run:
+  python -m dfq_jax.reference.torch_adadfq --batch 16 --steps 10 --warmup 3 \
+      [--bits 4] [--threads N] [--channels-last]
+prints one JSON line: median/min/max step time (a step is timed from sampling z to after
+the Q optimizer step), images/s, torch version and threads, and the step-0 losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+LATENT = 100
+NUM_CLASSES = 10
+TEMPERATURE = 20.0          # AdaDFQ's Q-loss temperature, hard-coded 20 for CIFAR (§5.1)
+ADADFQ = dict(lambda_l=0.1, lambda_u=0.8, alpha_ds=0.2, alpha_as=0.1, beta=1.0, gamma=1.0)
+
+
+# ----------------------------------------------------------------------------- quantizer
+def asym_fake_quant(x: torch.Tensor, k: int, lo, hi) -> torch.Tensor:
+  """Asymmetric k-bit fake quantization in the op order of methods.md §2.3.
+
+  s = (2^k - 1) / max(hi - lo, 1e-8);  zp = round(s lo) + 2^(k-1);
+  q = clip(round(s x - zp), -2^(k-1), 2^(k-1) - 1);  x_hat = (q + zp) / s.
+  torch.round rounds half to even. `lo`/`hi` broadcast against x (per tensor or channel).
+  """
+  lo = torch.as_tensor(lo, dtype=x.dtype, device=x.device)
+  hi = torch.as_tensor(hi, dtype=x.dtype, device=x.device)
+  half = 2 ** (k - 1)
+  scale = (2**k - 1) / torch.clamp(hi - lo, min=1e-8)
+  zero_point = torch.round(scale * lo) + half
+  q = torch.clamp(torch.round(scale * x - zero_point), -half, half - 1)
+  return (q + zero_point) / scale
+
+
+class FakeQuantSTE(torch.autograd.Function):
+  """Forward: asym_fake_quant. Backward: identity for x (no clip mask), nothing for ranges."""
+
+  @staticmethod
+  def forward(ctx, x, k, lo, hi):  # pylint: disable=arguments-differ
+    del ctx
+    return asym_fake_quant(x, k, lo, hi)
+
+  @staticmethod
+  def backward(ctx, grad_output):  # pylint: disable=arguments-differ
+    del ctx
+    return grad_output, None, None, None
+
+
+def fake_quant_ste(x, k, lo, hi):
+  return FakeQuantSTE.apply(x, k, lo, hi)
+
+
+def _weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
+  """Per-output-channel min/max of the current weight (detached), fake-quantized, STE."""
+  flat = w.detach().reshape(w.shape[0], -1)
+  lo, hi = torch.aminmax(flat, dim=1)
+  shape = (-1,) + (1,) * (w.dim() - 1)
+  return fake_quant_ste(w, bits, lo.view(shape), hi.view(shape))
+
+
+class QuantConv2d(nn.Conv2d):
+  """Conv2d whose weight is fake-quantized per output channel at every forward; FP bias."""
+  bits: int = 4
+
+  @classmethod
+  def from_float(cls, conv: nn.Conv2d, bits: int) -> "QuantConv2d":
+    m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    m.load_state_dict(conv.state_dict())
+    m.bits = bits
+    return m
+
+  def forward(self, x):  # pylint: disable=arguments-renamed
+    return self._conv_forward(x, _weight_fake_quant(self.weight, self.bits), self.bias)
+
+
+class QuantLinear(nn.Linear):
+  """Linear whose weight is fake-quantized per output row at every forward; FP bias."""
+  bits: int = 4
+
+  @classmethod
+  def from_float(cls, linear: nn.Linear, bits: int) -> "QuantLinear":
+    m = cls(linear.in_features, linear.out_features, linear.bias is not None)
+    m.load_state_dict(linear.state_dict())
+    m.bits = bits
+    return m
+
+  def forward(self, x):  # pylint: disable=arguments-renamed
+    return F.linear(x, _weight_fake_quant(self.weight, self.bits), self.bias)
+
+
+class QuantAct(nn.Module):
+  """Per-tensor activation fake quant with GDFQ's bias-corrected EMA range (§2.3).
+
+  While `running_stat`: beta_t <- beta_t * beta; x_min <- (beta x_min + (1-beta) min(x)) /
+  (1 - beta_t), likewise x_max (the correction is applied to the already-corrected state:
+  the original code's quirk, kept). The range is updated before quantizing, at every forward.
+  """
+
+  def __init__(self, bits: int, beta: float = 0.9):
+    super().__init__()
+    self.bits = bits
+    self.beta = beta
+    self.running_stat = True
+    self.register_buffer("x_min", torch.zeros(()))
+    self.register_buffer("x_max", torch.zeros(()))
+    self.register_buffer("beta_t", torch.ones(()))
+
+  @torch.no_grad()
+  def update_range(self, x: torch.Tensor) -> None:
+    lo, hi = torch.aminmax(x.detach())
+    self.beta_t.mul_(self.beta)
+    self.x_min.copy_((self.beta * self.x_min + (1 - self.beta) * lo) / (1 - self.beta_t))
+    self.x_max.copy_((self.beta * self.x_max + (1 - self.beta) * hi) / (1 - self.beta_t))
+
+  def forward(self, x):
+    if self.running_stat:
+      self.update_range(x)
+    return fake_quant_ste(x, self.bits, self.x_min, self.x_max)
+
+
+def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
+  """In place: Conv2d/Linear -> weight fake-quant layers; ReLU -> ReLU followed by QuantAct."""
+  for name, child in model.named_children():
+    if isinstance(child, nn.Conv2d):
+      setattr(model, name, QuantConv2d.from_float(child, w_bits))
+    elif isinstance(child, nn.Linear):
+      setattr(model, name, QuantLinear.from_float(child, w_bits))
+    elif isinstance(child, (nn.ReLU, nn.ReLU6)):
+      setattr(model, name, nn.Sequential(child, QuantAct(a_bits)))
+    else:
+      quantize_model(child, w_bits, a_bits)
+  return model
+
+
+# ----------------------------------------------------------------------------- models
+class Generator(nn.Module):
+  """GDFQ's CIFAR generator (methods.md §2.2), torch default init, used in train mode."""
+
+  def __init__(self, num_classes: int = NUM_CLASSES, latent: int = LATENT, image_size: int = 32,
+               channels: int = 3, channels_last: bool = False):
+    super().__init__()
+    self.s0 = image_size // 4
+    self.channels_last = channels_last
+    self.embed = nn.Embedding(num_classes, latent)
+    self.fc = nn.Linear(latent, 128 * self.s0 * self.s0)
+    self.bn0 = nn.BatchNorm2d(128)
+    self.conv1 = nn.Conv2d(128, 128, 3, padding=1)
+    self.bn1 = nn.BatchNorm2d(128, eps=0.8)  # the positional "0.8" of the original is eps
+    self.conv2 = nn.Conv2d(128, 64, 3, padding=1)
+    self.bn2 = nn.BatchNorm2d(64, eps=0.8)
+    self.conv3 = nn.Conv2d(64, channels, 3, padding=1)
+    self.bn_out = nn.BatchNorm2d(channels, affine=False)
+
+  def forward(self, z, y):
+    h = self.fc(self.embed(y) * z).view(z.shape[0], 128, self.s0, self.s0)
+    if self.channels_last:
+      h = h.contiguous(memory_format=torch.channels_last)
+    h = self.bn0(h)
+    h = F.interpolate(h, scale_factor=2, mode="nearest")
+    h = F.leaky_relu(self.bn1(self.conv1(h)), 0.2)
+    h = F.interpolate(h, scale_factor=2, mode="nearest")
+    h = F.leaky_relu(self.bn2(self.conv2(h)), 0.2)
+    return self.bn_out(torch.tanh(self.conv3(h)))
+
+
+class BasicBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN + option-A shortcut, then ReLU (each ReLU its own module)."""
+
+  def __init__(self, in_planes: int, planes: int, stride: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.relu1 = nn.ReLU()
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.relu2 = nn.ReLU()
+    self.pad = planes // 4 if (stride != 1 or in_planes != planes) else 0
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+    if self.pad:  # option A: subsample by 2, zero-pad planes // 4 channels on each side
+      x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+    return self.relu2(out + x)
+
+
+class ResNet20(nn.Module):
+  """CIFAR ResNet-20, akamaster layout: widths 16/32/64, 3 x 3 blocks, 19 BN layers."""
+
+  def __init__(self, num_classes: int = NUM_CLASSES):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(16)
+    self.relu = nn.ReLU()
+    blocks, in_planes = [], 16
+    for stage, planes in enumerate((16, 32, 64)):
+      for i in range(3):
+        blocks.append(BasicBlock(in_planes, planes, 2 if (stage and i == 0) else 1))
+        in_planes = planes
+    self.blocks = nn.Sequential(*blocks)
+    self.fc = nn.Linear(64, num_classes)
+
+  def forward(self, x):
+    x = self.blocks(self.relu(self.bn1(self.conv1(x))))
+    return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- losses
+def bn_stat_loss(stats) -> torch.Tensor:
+  """GDFQ L_BNS (§2.5): mean over layers of MSE_c(mu, mu_run) + MSE_c(var, var_run)."""
+  terms = [F.mse_loss(mu, rm) + F.mse_loss(var, rv) for mu, var, rm, rv in stats]
+  return torch.stack(terms).mean()
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+  logp = F.log_softmax(logits, dim=1)
+  return -(logp.exp() * logp).sum(dim=1)
+
+
+def adadfq_generator_terms(t, q, y, lambda_l: float, lambda_u: float) -> dict:
+  """AdaDFQ (§5.1): entropy H of softmax(t - q), its batch normalisation H', margin h,
+  L_ds = CE(t - q, y), L_as = CE(t + q, y). The batch min of H is not detached."""
+  ent = _entropy(t - q)
+  ent_min = ent.min()
+  ent_norm = (ent - ent_min) / (math.log(t.shape[1]) - ent_min)
+  margin = F.relu(lambda_l - ent_norm).mean() + F.relu(ent_norm - lambda_u).mean()
+  return {"entropy": ent, "entropy_norm": ent_norm, "margin": margin,
+          "ds": F.cross_entropy(t - q, y), "as": F.cross_entropy(t + q, y)}
+
+
+def adadfq_q_loss(t, q, temperature: float = TEMPERATURE) -> torch.Tensor:
+  """-T^2 * mean_b H(softmax((t - q) / T)) (the code form of §5.1)."""
+  return -(temperature**2) * _entropy((t - q) / temperature).mean()
+
+
+# ----------------------------------------------------------------------------- iteration
+class AdaDFQStep:
+  """Models, hooks and optimisers of the AdaDFQ loop; `step()` runs one iteration."""
+
+  def __init__(self, batch: int, w_bits: int = 4, a_bits: int = 4, channels_last: bool = False,
+               seed: int = 0):
+    torch.manual_seed(seed)
+    self.batch = batch
+    self.generator = Generator(channels_last=channels_last).train()
+    teacher = ResNet20().eval()
+    self.student = quantize_model(copy.deepcopy(teacher), w_bits, a_bits).eval()
+    teacher.requires_grad_(False)
+    self.teacher = teacher
+    if channels_last:
+      for m in (self.generator, self.teacher, self.student):
+        m.to(memory_format=torch.channels_last)
+    self._bn_stats = []
+    for m in teacher.modules():  # hooks on the teacher only (registered after the copy)
+      if isinstance(m, nn.BatchNorm2d):
+        m.register_forward_hook(self._bn_hook)
+    self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    self.opt_q = torch.optim.SGD(self.student.parameters(), lr=1e-4, momentum=0.9,
+                                 nesterov=True, weight_decay=1e-4)
+
+  def _bn_hook(self, module, inputs, output):
+    del output
+    var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), correction=0)
+    self._bn_stats.append((mean, var, module.running_mean, module.running_var))
+
+  def step(self) -> dict:
+    hp = ADADFQ
+    z = torch.randn(self.batch, LATENT)
+    y = torch.randint(0, NUM_CLASSES, (self.batch,))
+    x = self.generator(z, y)
+    self._bn_stats.clear()
+    t = self.teacher(x)
+    q = self.student(x)
+    terms = adadfq_generator_terms(t, q, y, hp["lambda_l"], hp["lambda_u"])
+    bns = bn_stat_loss(self._bn_stats)
+    loss_g = (terms["margin"] + hp["beta"] * (hp["alpha_ds"] * terms["ds"]
+                                              + hp["alpha_as"] * terms["as"])
+              + hp["gamma"] * bns)
+    self.opt_g.zero_grad()
+    loss_g.backward()
+    self.opt_g.step()
+
+    q2 = self.student(x.detach())
+    loss_q = adadfq_q_loss(t.detach(), q2)
+    self.opt_q.zero_grad()  # drops the student grads left by the generator's backward
+    loss_q.backward()
+    self.opt_q.step()
+    self._bn_stats.clear()
+    return {"margin": terms["margin"].detach(), "ce_ds": terms["ds"].detach(),
+            "ce_as": terms["as"].detach(), "bns": bns.detach(), "loss_G": loss_g.detach(),
+            "loss_Q": loss_q.detach()}
+
+
+def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int = 4,
+              threads: int | None = None, channels_last: bool = False, seed: int = 0) -> dict:
+  if steps < 1 or warmup < 0 or batch < 2:
+    raise ValueError(f"need steps >= 1, warmup >= 0, batch >= 2; got {steps}, {warmup}, {batch}")
+  if threads:
+    torch.set_num_threads(threads)
+  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed)
+  losses0, times = None, []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    losses = runner.step()
+    elapsed = time.perf_counter() - t0
+    if i == 0:
+      losses0 = {k: float(v) for k, v in losses.items()}
+    if i >= warmup:
+      times.append(elapsed)
+  median = statistics.median(times)
+  return {"impl": "torch", "batch": batch, "bits": f"w{w_bits}a{a_bits}",
+          "median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
+          "images_per_s": batch / median, "timed_steps": steps, "warmup": warmup,
+          "torch_version": torch.__version__, "threads": torch.get_num_threads(),
+          "channels_last": channels_last, "losses_step0": losses0}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--steps", type=int, default=10, help="timed iterations")
+  p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+  p.add_argument("--bits", type=int, default=4, help="weight bits (and activation bits)")
+  p.add_argument("--abits", type=int, default=None, help="activation bits (default: --bits)")
+  p.add_argument("--threads", type=int, default=None,
+                 help="torch.set_num_threads (default: torch's own)")
+  p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+  row = benchmark(args.batch, args.steps, args.warmup, args.bits,
+                  args.abits if args.abits is not None else args.bits, args.threads,
+                  args.channels_last, args.seed)
+  print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
