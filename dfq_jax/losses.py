@@ -70,8 +70,8 @@ def _is_layer(node: Any) -> bool:
   return isinstance(node, Mapping) and set(node.keys()) == {"mean", "var"}
 
 
-def _layer_items(tree: Tree, prefix: tuple = ()) -> list[tuple[tuple, Mapping]]:
-  """(path, {'mean', 'var'}) pairs in the tree's iteration order."""
+def layer_items(tree: Tree, prefix: tuple = ()) -> list[tuple[tuple, Mapping]]:
+  """(path, {'mean', 'var'}) layer nodes of a BN-statistics tree, in iteration order."""
   if _is_layer(tree):
     return [(prefix, tree)]
   if not isinstance(tree, Mapping):
@@ -79,11 +79,12 @@ def _layer_items(tree: Tree, prefix: tuple = ()) -> list[tuple[tuple, Mapping]]:
                     f"{type(tree).__name__} at {'/'.join(map(str, prefix)) or '<root>'}.")
   items = []
   for key, value in tree.items():
-    items.extend(_layer_items(value, prefix + (key,)))
+    items.extend(layer_items(value, prefix + (key,)))
   return items
 
 
-def _lookup(tree: Tree, path: tuple) -> Mapping:
+def lookup_layer(tree: Tree, path: tuple) -> Mapping:
+  """The {'mean', 'var'} node at `path` of `tree` (KeyError naming the layer if absent)."""
   node = tree
   for key in path:
     if not isinstance(node, Mapping) or key not in node:
@@ -95,7 +96,7 @@ def _lookup(tree: Tree, path: tuple) -> Mapping:
 
 
 def _layers(bn_stats: Tree) -> list[tuple[tuple, Mapping]]:
-  items = _layer_items(bn_stats)
+  items = layer_items(bn_stats)
   if not items:
     raise ValueError("The BN-statistics tree holds no {'mean', 'var'} layer nodes.")
   return items
@@ -141,7 +142,7 @@ def _layer_margins(margins: Any, path: tuple) -> tuple[Array, Array]:
   if _is_layer(margins):
     return _float(margins["mean"]), _float(margins["var"])
   if isinstance(margins, Mapping):
-    node = _lookup(margins, path)
+    node = lookup_layer(margins, path)
     return _float(node["mean"]), _float(node["var"])
   mean_margin, var_margin = margins
   return _float(mean_margin), _float(var_margin)
@@ -276,7 +277,7 @@ def bn_stat_loss(bn_stats: Tree, running: Tree) -> Array:
   values = []
   for path, node in _layers(bn_stats):
     mean, var = _batch_level(node)
-    run = _lookup(running, path)
+    run = lookup_layer(running, path)
     values.append(bn_stat_loss_layer(mean, var, run["mean"], run["var"]))
   return _reduce_layers(values, "mean")
 
@@ -354,7 +355,7 @@ def sda_margins(ref_bn_stats: Tree, running: Tree, *, percentile: float, stat: s
     raise ValueError(f"level must be 'batch' or 'sample'; got {level!r}.")
   out: dict = {}
   for path, node in _layers(ref_bn_stats):
-    run = _lookup(running, path)
+    run = lookup_layer(running, path)
     if level == "batch":
       mean, var = _batch_level(node)
     else:
@@ -448,7 +449,7 @@ def sda_loss(bn_stats: Tree, running: Tree, *, margins: Any, stat: str = "var",
   values = []
   for index, (path, node) in enumerate(_layers(bn_stats)):
     mean, var = _batch_level(node)
-    run = _lookup(running, path)
+    run = lookup_layer(running, path)
     mean_margin, var_margin = _layer_margins(margins, path)
     values.append(sda_loss_layer(
         mean, var, run["mean"], run["var"], mean_margin=mean_margin, var_margin=var_margin,
@@ -589,7 +590,7 @@ def sda_loss_per_sample(bn_stats: Tree, running: Tree, *, margins: Any, stat: st
   for index, (path, node) in enumerate(layers):
     if jnp.ndim(node["mean"]) != 2:
       raise ValueError("sda_loss_per_sample needs per-sample [B, C] statistics.")
-    run = _lookup(running, path)
+    run = lookup_layer(running, path)
     mean_margin, var_margin = _layer_margins(margins, path)
     per_example = sda_per_sample_layer(
         node["mean"], node["var"], run["mean"], run["var"], mean_margin=mean_margin,

@@ -136,8 +136,8 @@ def test_zeroq_objective_is_bn_statistics_and_input_prior_only():
   _, state = model.apply(variables, x, mutable=["bn_stats"])
   positions = synthesis.bn_positions(model, variables, (8, 8, 3))
   expected = 0.0
-  for path, node in losses._layer_items(state["bn_stats"]):
-    run = losses._lookup(variables["batch_stats"], path)
+  for path, node in losses.layer_items(state["bn_stats"]):
+    run = losses.lookup_layer(variables["batch_stats"], path)
     n = positions
     for key in path:
       n = n[key]
@@ -297,3 +297,23 @@ def test_bad_ptq_settings_stop_before_work(tiny_teacher_dir, tmp_path, override,
   with pytest.raises(ValueError, match=message):
     run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
   assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_ptq_grid_tables_every_set_and_observer(tiny_teacher_dir, tmp_path):
+  from dfq_jax.ptq import grid
+  config = tiny_config(tiny_teacher_dir, "gdfq")
+  config.ptq.steps, config.ptq.batch_size = 4, 16
+  observers = ("sample_mean", "mse")
+  table = grid.ptq_grid(config, ["w4a4"], str(tmp_path), observers=observers,
+                        log=lambda *a: None)
+  assert set(table["cells"]) == {f"w4a4,{s},{o}" for s in grid.SOURCES for o in observers}
+  assert table["calibration_images"] == 16 and set(table["diversity"]) == {"real", "zeroq", "dsg"}
+  # The PTQ runs' own results agree with the grid's cell of the same setting.
+  with open(tmp_path / "dsg_ptq" / "results.json") as f:
+    dsg_run = json.load(f)
+  assert dsg_run["bits"] == "W4A4" and dsg_run["calibration_method"] == "sample_mean"
+  assert table["cells"]["w4a4,dsg,sample_mean"]["top1"] == dsg_run["final_top1"]
+  md = (tmp_path / "ptq_grid.md").read_text()
+  assert "| W4A4 | DSG samples |" in md and "**" in md
+  assert os.path.getsize(tmp_path / "diversity.png") > 0
+  assert "zeroq" in (tmp_path / "diversity.md").read_text()

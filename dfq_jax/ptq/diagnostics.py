@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from dfq_jax.losses import layer_items, lookup_layer
 from dfq_jax.models.layers import BN_STATS
 
 EPS = 1e-5
@@ -47,27 +48,6 @@ METRICS = ("mean_spread", "std_spread", "mean_gap", "std_gap")
 _COSINE_BLOCK = 256
 
 Tree = Any
-
-
-def iter_layers(tree: Tree, prefix: tuple = ()) -> Iterator[tuple[tuple, Mapping]]:
-  """Yields (path, {'mean', 'var'}) layer nodes of a BN-statistics tree in iteration order."""
-  if isinstance(tree, Mapping) and set(tree.keys()) == {"mean", "var"}:
-    yield prefix, tree
-    return
-  if not isinstance(tree, Mapping):
-    raise TypeError(f"Expected a nested mapping of {{'mean', 'var'}} layer nodes; got "
-                    f"{type(tree).__name__} at {'/'.join(map(str, prefix)) or '<root>'}.")
-  for key, value in tree.items():
-    yield from iter_layers(value, prefix + (key,))
-
-
-def _lookup(tree: Tree, path: tuple) -> Mapping:
-  node = tree
-  for key in path:
-    if not isinstance(node, Mapping) or key not in node:
-      raise KeyError(f"Layer {'/'.join(map(str, path))} is missing from the running statistics.")
-    node = node[key]
-  return node
 
 
 def _layer_arrays(node: Mapping, running: Mapping, path: tuple, eps: float):
@@ -100,8 +80,8 @@ def spread_from_stats(bn_stats: Tree, running: Tree, *, eps: float = EPS) -> dic
      'mean_spread', 'std_spread', 'mean_gap', 'std_gap'} (layer averages), plain floats.
   """
   per_layer = []
-  for path, node in iter_layers(bn_stats):
-    mu, s, m, r = _layer_arrays(node, _lookup(running, path), path, eps)
+  for path, node in layer_items(bn_stats):
+    mu, s, m, r = _layer_arrays(node, lookup_layer(running, path), path, eps)
     per_layer.append({
         "layer": "/".join(map(str, path)),
         "mean_spread": float(np.mean(np.std(mu, axis=0) / r)),
@@ -120,8 +100,8 @@ def spread_from_stats(bn_stats: Tree, running: Tree, *, eps: float = EPS) -> dic
 def bn_features(bn_stats: Tree, running: Tree, *, eps: float = EPS) -> np.ndarray:
   """Per-sample features [B, sum_l C_l]: (mu[b, c] - m[c]) / r[c], layers concatenated."""
   feats = []
-  for path, node in iter_layers(bn_stats):
-    mu, _, m, r = _layer_arrays(node, _lookup(running, path), path, eps)
+  for path, node in layer_items(bn_stats):
+    mu, _, m, r = _layer_arrays(node, lookup_layer(running, path), path, eps)
     feats.append((mu - m) / r)
   if not feats:
     raise ValueError("The BN-statistics tree holds no {'mean', 'var'} layer nodes.")
@@ -162,7 +142,7 @@ def _network_order(model, variables, sample) -> list[tuple]:
 
   def trace(v, x):
     _, updates = model.apply(v, x, mutable=[BN_STATS])
-    order.extend(path for path, _ in iter_layers(updates[BN_STATS]))
+    order.extend(path for path, _ in layer_items(updates[BN_STATS]))
     return updates[BN_STATS]
 
   jax.eval_shape(trace, variables, sample)
@@ -215,7 +195,7 @@ def diversity_stats(model, variables, images, *, batch_size: int = 256) -> dict:
       pad = np.repeat(batch[-1:], bs - valid, axis=0)
       batch = np.concatenate([batch, pad], axis=0)
     stats = jax.device_get(_forward_stats(model, variables, batch))
-    for path, node in iter_layers(stats):
+    for path, node in layer_items(stats):
       chunks[path]["mean"].append(np.asarray(node["mean"])[:valid])
       chunks[path]["var"].append(np.asarray(node["var"])[:valid])
   bn_stats = _nest([(path, {k: np.concatenate(v, axis=0) for k, v in chunks[path].items()})
