@@ -13,6 +13,12 @@ do not change the speed: without --config.teacher.weights a random teacher is us
 runs every method x bits x seed (each in its own workdir under --out, resumable) and
 writes grid.json and grid.md: mean +- std over seeds of final and best top-1, wall time.
 
+  python -m dfq_jax.bench ptq --config configs/cifar10_resnet20.py --bits w4a4,w6a6,w8a8 \
+      --out runs/ptq [--observers minmax,sample_mean,percentile,mse] --config.teacher.weights=...
+synthesises the ZeroQ and DSG sets once and tables top-1 for every bit-width x calibration
+set (ZeroQ, DSG, real train images, noise) x observer (dfq_jax/ptq/grid.py): ptq_grid.md/json,
+diversity.png/md.
+
   python -m dfq_jax.bench compare --config configs/cifar10_resnet20.py:adadfq,w4a4 \
       [--batch 16] [--steps 10] [--warmup 3] [--rounds 3] [--torch_python PYTHON] \
       [--peak_gflops 209] [--config.x=y ...]
@@ -45,9 +51,11 @@ _BATCH = flags.DEFINE_integer("batch", None, "speed: global batch size (default:
 _STEPS = flags.DEFINE_integer("steps", 20, "speed: timed iterations; accuracy: total_steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "speed: untimed iterations after compilation.")
 _METHODS = flags.DEFINE_list("methods", ["gdfq", "dsg", "adadfq"], "accuracy: methods.")
-_BITS = flags.DEFINE_list("bits", ["w4a4", "w3a3"], "accuracy: bit-widths.")
+_BITS = flags.DEFINE_list("bits", ["w4a4", "w3a3"], "accuracy, ptq: bit-widths.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "accuracy: seeds 0..K-1 per cell.")
-_OUT = flags.DEFINE_string("out", "runs/grid", "accuracy: output directory.")
+_OUT = flags.DEFINE_string("out", "runs/grid", "accuracy, ptq: output directory.")
+_OBSERVERS = flags.DEFINE_list("observers", ["minmax", "sample_mean", "percentile", "mse"],
+                               "ptq: activation-range observers (calib.method values).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable,
                                     "compare: Python executable that has torch installed.")
@@ -255,9 +263,9 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare"):
+  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq"):
     raise app.UsageError(
-        "usage: python -m dfq_jax.bench speed|accuracy|compare --config FILE[:args] ...")
+        "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq --config FILE[:args] ...")
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. configs/cifar10_resnet20.py:adadfq,w4a4")
@@ -271,6 +279,11 @@ def main(argv):
     except TorchMissingError as e:
       sys.exit(f"error: {e}")
     print(json.dumps(row))
+  elif argv[1] == "ptq":
+    from dfq_jax.ptq import grid  # pylint: disable=g-import-not-at-top
+    grid.ptq_grid(config, _BITS.value, _OUT.value, observers=tuple(_OBSERVERS.value))
+    with open(os.path.join(_OUT.value, "ptq_grid.md")) as f:
+      print(f.read())
   else:
     accuracy(config, _METHODS.value, _BITS.value, _STEPS.value, _SEEDS.value, _OUT.value)
     with open(os.path.join(_OUT.value, "grid.md")) as f:
