@@ -154,7 +154,9 @@ def build_models(config, teacher_vars: dict) -> Models:
   generator = get_generator(gen_name, num_classes=config.num_classes,
                             image_size=config.image_size, channels=config.channels,
                             latent_dim=config.generator.latent_dim,
-                            width=config.generator.width, bn_eps=config.generator.bn_eps)
+                            width=config.generator.width, bn_eps=config.generator.bn_eps,
+                            conv_impl=config.generator.conv_impl,
+                            dtype=config.generator.dtype)
   return Models(teacher=teacher_model(config), student=teacher_model(config, quant_policy(config)),
                 generator=generator, teacher_vars=teacher_vars,
                 num_classes=config.num_classes,

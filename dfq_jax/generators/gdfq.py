@@ -12,6 +12,12 @@ CIFAR form (`GeneratorCifar`), latent d, image S, init size S/4:
 ImageNet form (`GeneratorImagenet`): no label embedding on z; the BNs are class-
 conditional (CCBN: affine-free BN, then per-class scale/shift from embeddings).
 
+The two upsample+conv pairs run by default in the exact sub-pixel form of
+`subpixel.py` (`conv_impl='subpixel'`: one 2x2 conv at low resolution with a hand-written
+backward; the CIFAR generator's jitted forward+backward is 1.5x (batch 16) to 2.1x
+(batch 200) faster on a 2-core CPU); `conv_impl='standard'` upsamples then convolves.
+Both create the same parameters ('conv1'/'conv2': 'kernel' [3,3,cin,cout], 'bias').
+
 The eps=0.8 reproduces the original code, where 0.8 was passed positionally to
 BatchNorm2d's eps (`bn_eps` attribute; 1e-5 is the intended value).
 Initialisation follows PyTorch defaults (conv/linear U(±1/sqrt(fan_in)), embeddings
@@ -26,13 +32,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfq_jax.generators.subpixel import UpConv
 from dfq_jax.models.layers import BatchNorm
 from dfq_jax.quant.layers import QConv, QDense
+
+CONV_IMPLS = ("subpixel", "standard")
 
 
 def upsample_nearest_2x(x: jax.Array) -> jax.Array:
   """Nearest-neighbour x2 upsampling of NHWC images."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _check_conv_impl(conv_impl: str) -> None:
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"generator conv_impl {conv_impl!r} is unknown: choose one of "
+                     f"{list(CONV_IMPLS)}.")
+
+
+def _upsample_conv(h: jax.Array, features: int, conv_impl: str, dtype: Any,
+                   name: str) -> jax.Array:
+  """Nearest x2 upsampling, then 3x3 conv with bias (params `name`/kernel, `name`/bias).
+
+  Call only inside a compact method: the conv becomes a submodule of the caller.
+  """
+  if conv_impl == "subpixel":
+    return UpConv(features, dtype=dtype, name=name)(h)
+  return QConv(features, (3, 3), use_bias=True, dtype=dtype, name=name)(upsample_nearest_2x(h))
 
 
 class CondBatchNorm(nn.Module):
@@ -63,6 +89,8 @@ class GeneratorCifar(nn.Module):
     width: channels of the first feature map (128).
     bn_eps: eps of the two inner BNs (0.8 = original code).
     dtype: compute dtype of the convolutions (None = float32).
+    conv_impl: 'subpixel' (default, fast exact form) | 'standard' for the two
+      upsample+conv pairs; same parameters and outputs.
   """
   num_classes: int = 10
   image_size: int = 32
@@ -71,12 +99,14 @@ class GeneratorCifar(nn.Module):
   width: int = 128
   bn_eps: float = 0.8
   dtype: Any = None
+  conv_impl: str = "subpixel"
 
   @nn.compact
   def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
     """Args: z [B, latent_dim], labels [B] int. Returns images [B, S, S, channels]."""
     if self.image_size % 4:
       raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
+    _check_conv_impl(self.conv_impl)
     s0 = self.image_size // 4
     emb = nn.Embed(self.num_classes, self.latent_dim,
                    embedding_init=nn.initializers.normal(1.0), name="label_emb")(labels)
@@ -85,11 +115,9 @@ class GeneratorCifar(nn.Module):
     bn = lambda eps, name, **kw: BatchNorm(use_running_average=False, epsilon=eps,
                                            track_running_stats=False, name=name, **kw)
     h = bn(1e-5, "bn0")(h)
-    h = upsample_nearest_2x(h)
-    h = QConv(self.width, (3, 3), use_bias=True, dtype=self.dtype, name="conv1")(h)
+    h = _upsample_conv(h, self.width, self.conv_impl, self.dtype, "conv1")
     h = nn.leaky_relu(bn(self.bn_eps, "bn1")(h), 0.2)
-    h = upsample_nearest_2x(h)
-    h = QConv(self.width // 2, (3, 3), use_bias=True, dtype=self.dtype, name="conv2")(h)
+    h = _upsample_conv(h, self.width // 2, self.conv_impl, self.dtype, "conv2")
     h = nn.leaky_relu(bn(self.bn_eps, "bn2")(h), 0.2)
     h = QConv(self.channels, (3, 3), use_bias=True, dtype=self.dtype, name="conv3")(h)
     h = jnp.tanh(h)
@@ -97,7 +125,10 @@ class GeneratorCifar(nn.Module):
 
 
 class GeneratorImagenet(nn.Module):
-  """GDFQ's ImageNet generator (224x224) with class-conditional BN (1000 classes)."""
+  """GDFQ's ImageNet generator (224x224) with class-conditional BN (1000 classes).
+
+  Attributes as `GeneratorCifar`.
+  """
   num_classes: int = 1000
   image_size: int = 224
   channels: int = 3
@@ -105,21 +136,21 @@ class GeneratorImagenet(nn.Module):
   width: int = 128
   bn_eps: float = 0.8
   dtype: Any = None
+  conv_impl: str = "subpixel"
 
   @nn.compact
   def __call__(self, z: jax.Array, labels: jax.Array) -> jax.Array:
     """Args: z [B, latent_dim], labels [B] int. Returns images [B, S, S, channels]."""
     if self.image_size % 4:
       raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
+    _check_conv_impl(self.conv_impl)
     s0 = self.image_size // 4
     h = QDense(self.width * s0 * s0, name="l1")(z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
     h = CondBatchNorm(self.num_classes, name="bn0")(h, labels)
-    h = upsample_nearest_2x(h)
-    h = QConv(self.width, (3, 3), use_bias=True, dtype=self.dtype, name="conv1")(h)
+    h = _upsample_conv(h, self.width, self.conv_impl, self.dtype, "conv1")
     h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn1")(h, labels), 0.2)
-    h = upsample_nearest_2x(h)
-    h = QConv(self.width // 2, (3, 3), use_bias=True, dtype=self.dtype, name="conv2")(h)
+    h = _upsample_conv(h, self.width // 2, self.conv_impl, self.dtype, "conv2")
     h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn2")(h, labels), 0.2)
     h = QConv(self.channels, (3, 3), use_bias=True, dtype=self.dtype, name="conv3")(h)
     h = jnp.tanh(h)
