@@ -10,7 +10,8 @@ do not change the speed: without --config.teacher.weights a random teacher is us
   python -m dfq_jax.bench accuracy --config configs/cifar10_resnet20.py \
       --methods gdfq,dsg,adadfq --bits w4a4,w3a3 --steps 2000 --seeds 3 --out runs/grid \
       --config.teacher.weights=... --config.data.root=...
-runs every method x bits x seed (each in its own workdir under --out, resumable) and
+runs every method x bits x seed (each in its own workdir under --out, resumable; a cell
+whose results.json exists is read back, not rerun) and
 writes grid.json and grid.md: mean +- std over seeds of final and best top-1, wall time.
 
   python -m dfq_jax.bench ptq --config configs/cifar10_resnet20.py --bits w4a4,w6a6,w8a8 \
@@ -134,7 +135,16 @@ def accuracy(config, methods_: list[str], bits: list[str], steps: int, seeds: in
           c.seed = seed
           if steps:
             c.total_steps = steps
-        runs.append(run_lib.run(c, os.path.join(out, f"{m}_{b}_seed{seed}")))
+        workdir = os.path.join(out, f"{m}_{b}_seed{seed}")
+        done = os.path.join(workdir, "results.json")
+        if os.path.exists(done):
+          # A finished cell is read back (its config must be this one: prepare_workdir
+          # refuses another), so an interrupted grid resumes where it stopped.
+          run_lib.prepare_workdir(workdir, c, restart=False)
+          with open(done) as f:
+            runs.append(json.load(f))
+        else:
+          runs.append(run_lib.run(c, workdir))
       cells[f"{m},{b}"] = runs
   table = {}
   for key, runs in cells.items():

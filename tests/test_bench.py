@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,3 +36,24 @@ def test_accuracy_grid_writes_tables(tiny_teacher_dir, tmp_path):
   md = (tmp_path / "grid.md").read_text()
   assert "| gdfq | W3A3 |" in md and "±" in md
   assert json.loads((tmp_path / "grid.json").read_text())["gdfq,w3a3"]["seeds"] == 2
+
+
+def test_accuracy_grid_reads_finished_cells_back(tiny_teacher_dir, tmp_path, monkeypatch):
+  from dfq_test_utils import tiny_config
+  from dfq_jax import bench
+  from dfq_jax import run as run_lib
+  config = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2,
+                       sample_every_steps=0)
+  first = bench.accuracy(config, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
+
+  def no_rerun(*args, **kwargs):
+    raise AssertionError("a finished cell was run again")
+
+  monkeypatch.setattr(run_lib, "run", no_rerun)
+  again = bench.accuracy(config, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
+  assert again == first
+  # Another config in the same directory is refused, not mixed in.
+  other = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2,
+                      sample_every_steps=0, **{"student.lr": 0.5})
+  with pytest.raises(run_lib.WorkdirConflictError):
+    bench.accuracy(other, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
