@@ -120,3 +120,12 @@ def test_generator_rejects_bad_conv_impl():
   z, y = jnp.zeros((2, 100)), jnp.zeros((2,), jnp.int32)
   with pytest.raises(ValueError, match="'subpixel', 'standard'"):
     gen.init(jax.random.key(0), z, y)
+
+
+def test_kernel_gradient_fold_is_the_exact_transpose():
+  """The written-out transpose equals jax.linear_transpose of the kernel fold."""
+  from dfq_jax.generators import subpixel
+  kernel = jax.random.normal(jax.random.key(0), (3, 3, 5, 7))
+  cotangent = jax.random.normal(jax.random.key(1), (4 * 5, 4 * 7))
+  (expected,) = jax.linear_transpose(subpixel.subpixel_kernel, kernel)(cotangent)
+  np.testing.assert_array_equal(subpixel.kernel_grad_from_subpixel(cotangent, 5, 7), expected)

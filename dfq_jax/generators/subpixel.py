@@ -62,6 +62,27 @@ def subpixel_kernel(kernel: jax.Array) -> jax.Array:
   return w.reshape(4 * ci, 4 * co)
 
 
+def _unfold_taps(d: jax.Array, axis: int) -> jax.Array:
+  """Transpose of `_fold_taps`: (tap k, phase a) axes at `axis`, `axis`+1 -> length 3."""
+  t0 = jnp.take(d, 0, axis=axis)  # tap 0: [phase 0 -> w0, phase 1 -> w0 + w1]
+  t1 = jnp.take(d, 1, axis=axis)  # tap 1: [phase 0 -> w1 + w2, phase 1 -> w2]
+  p = lambda t, a: jnp.take(t, a, axis=axis)
+  return jnp.stack([p(t0, 0) + p(t0, 1), p(t0, 1) + p(t1, 0), p(t1, 0) + p(t1, 1)],
+                   axis=axis)
+
+
+def kernel_grad_from_subpixel(dw2: jax.Array, ci: int, co: int) -> jax.Array:
+  """Transpose of `subpixel_kernel`: [(kh,kw,ci), (a,b,co)] cotangent -> [3,3,ci,co].
+
+  Written out (not `jax.linear_transpose`, whose cotangent type check rejects the
+  device-varying values inside `jax.shard_map`).
+  """
+  d = dw2.reshape(2, 2, ci, 2, 2, co)       # [kh, kw, ci, a, b, co]
+  d = jnp.transpose(d, (0, 3, 1, 4, 2, 5))  # [kh, a, kw, b, ci, co]
+  d = _unfold_taps(d, 2)                    # [kh, a, 3, ci, co]
+  return _unfold_taps(d, 0)                 # [3, 3, ci, co]
+
+
 def _im2col_2x2(xp: jax.Array) -> jax.Array:
   """[B, H+2, W+2, C] -> [B, H+1, W+1, 4C], channels ordered (kh, kw, c)."""
   h, w = xp.shape[1] - 1, xp.shape[2] - 1
@@ -127,8 +148,23 @@ def _upconv_bwd(compute_dtype, res, dy):
   # Kernel gradient: one GEMM over all positions, mapped back through the fold.
   x4 = _im2col_2x2(_pad1(_cast(x, compute_dtype)))
   dw2 = jnp.einsum("bhwk,bhwn->kn", x4, dz, preferred_element_type=acc)
-  (dkernel,) = jax.linear_transpose(subpixel_kernel, kernel.astype(acc))(dw2)
+  dkernel = _sum_over_extra_device_axes(kernel_grad_from_subpixel(dw2, ci, co), kernel)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+def _varying_axes(a: jax.Array) -> frozenset:
+  manual = getattr(jax.typeof(a), "manual_axis_type", None)
+  return frozenset(getattr(manual, "varying", ()) or ())
+
+
+def _sum_over_extra_device_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """Inside `jax.shard_map`: the gradient of a replicated input is the sum over devices.
+
+  JAX's own autodiff inserts this psum; a custom backward must do it itself, or the
+  cotangent would vary over devices where its primal does not.
+  """
+  extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
 
 
 _upconv.defvjp(_upconv_fwd, _upconv_bwd)
