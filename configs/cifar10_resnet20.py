@@ -7,7 +7,8 @@ Run (the akamaster teacher shipped in ../shared; JPEG CIFAR-10 test set):
     --config.teacher.weights=../shared/models/resnet20_cifar10_akamaster.th \
     --config.data.root=../shared/data/cifar10-jpeg
 
-Arguments after ':': method (gdfq | dsg | adadfq | eval), bits (w3a3, w4a4, w5a5, w8a8,
+Arguments after ':': method (gdfq | dsg | adadfq | eval | zeroq_ptq | dsg_ptq: data-free
+post-training quantization, measured in the README), bits (w3a3, w4a4, w5a5, w8a8,
 ...), 'parity', and teacher=akamaster (default; option-A shortcuts, ImageNet
 normalisation) or teacher=pytorchcv (resnet20_cifar10, the papers' teacher: option-B
 shortcuts, CIFAR normalisation).

@@ -11,7 +11,8 @@ Paper hyperparameters (methods.md §5.2): batch 16, 400 x 200, warm-up 50; GDFQ/
 1e-6, milestones [100, 200, 300]; AdaDFQ lr_Q 1e-5, milestones [350, 400], T = 5,
 lambda_l 0.1, alpha_ds 0.2 (0.3 at 4 bits).
 Reported top-1 (FP 73.03): GDFQ W4A4 59.43; DSG-QAT W4A4 60.46 (FP 71.88); AdaDFQ W3A3
-28.99, W4A4 65.41, W5A5 71.61.
+28.99, W4A4 65.41, W5A5 71.61. Data-free PTQ: `:dsg_ptq,w4a4` / `:zeroq_ptq,w4a4` (no
+DSG-PTQ number is published for MobileNetV2).
 """
 
 from dfq_jax import config_base

@@ -11,6 +11,8 @@ r"""ImageNet ResNet-18 (pytorchcv resnet18): GDFQ, DSG, AdaDFQ.
 (0.3 at 4/5 bits), alpha_ds 0.2 (0.3 at 5 bits).
 Reported top-1 (FP 71.47): GDFQ W4A4 60.60; DSG-QAT W4A4 62.18; AdaDFQ W3A3 38.10,
 W4A4 66.53, W5A5 70.29.
+Data-free PTQ (no fine-tuning): `:dsg_ptq,w4a4` / `:zeroq_ptq,w4a4` (dfq_jax/ptq). DSG
+README's DSG-PTQ: W4A4 39.90 (re-run 40.41), W6A6 70.46, W8A8 71.49.
 """
 
 from dfq_jax import config_base

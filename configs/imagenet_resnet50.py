@@ -8,6 +8,8 @@ Paper hyperparameters (methods.md §3, §5.2): batch 16, 400 x 200; GDFQ/DSG lr_
 milestones [100, 200, 300], warm-up 50; AdaDFQ lr_Q 1e-4, milestones [150, 300, 400]
 (code comment: [200, 300, 400] at 4 bits, [350, 400] at 5 bits), warm-up 100 (50 at
 4/5 bits), T = 5, lambda_l 0.4 (0.3 at 4/5 bits), alpha_ds 0.2 (0.1 at 4 bits).
+Data-free PTQ: `:dsg_ptq,w4a4` / `:zeroq_ptq,w4a4`; DSG README's DSG-PTQ (FP 77.72):
+W4A4 56.12 (re-run 56.36), W6A6 76.90, W8A8 77.72.
 For torchvision weights use --config.teacher.model=resnet50_torchvision
 --config.teacher.layout=torchvision.
 Reported top-1 (FP 77.73): GDFQ W4A4 54.16; DSG-QAT W4A4 71.96; AdaDFQ W3A3 17.63,
