@@ -109,6 +109,9 @@ def validate_config(config) -> None:
   if config.method in ("gdfq", "dsg", "adadfq") and config.batch_size % devices:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the {devices} "
                      "devices: choose a multiple of the device count.")
+  if config.method in config_base.PTQ_METHODS and config.ptq.batch_size % devices:
+    raise ValueError(f"ptq.batch_size={config.ptq.batch_size} is not divisible by the "
+                     f"{devices} devices: choose a multiple of the device count.")
 
 
 def normalization(config) -> Normalization:

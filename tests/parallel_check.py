@@ -6,6 +6,7 @@ Checks (each prints one line; any failure raises):
   global      the global-scope step on 8 devices equals the 1-device step (3 steps)
   per_device  the per-device losses equal each shard's losses computed separately
   topology    a checkpoint written on 8 devices resumes on 1 (and 1 -> 8) identically
+  ptq         PTQ image synthesis on 8 devices equals the 1-device synthesis
 """
 
 import os
@@ -111,9 +112,30 @@ def check_topology(teacher_dir):
   print("topology OK")
 
 
+def check_ptq(teacher_dir):
+  from dfq_jax.ptq import synthesis  # pylint: disable=g-import-not-at-top
+  config = tiny_config(teacher_dir, "dsg_ptq")
+  models = experiment.build_models(config, experiment.load_teacher(config))
+  hp = synthesis.PtqHparams(**dict(synthesis.PRESETS["dsg_ptq"], steps=5, batch_size=16))
+  outs = []
+  for devices in (1, 8):
+    synth = synthesis.make_synthesizer(hp, models.teacher, models.teacher_vars,
+                                       jax.random.key(0), models.image_shape, 10,
+                                       devices=jax.devices()[:devices])
+    images, labels, last = synth.run_batch(jax.random.key(1))
+    assert len(images.sharding.device_set) == devices, images.sharding
+    outs.append((np.asarray(images), np.asarray(labels), last))
+  (x1, y1, m1), (x8, y8, m8) = outs
+  np.testing.assert_array_equal(y1, y8)
+  np.testing.assert_allclose(x1, x8, rtol=1e-4, atol=1e-4, err_msg="images 1 vs 8 devices")
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  print("ptq OK")
+
+
 if __name__ == "__main__":
   assert jax.device_count() == 8, f"needs 8 devices, got {jax.device_count()}"
   teacher_dir = sys.argv[1]
-  checks = sys.argv[2:] or ["global", "per_device", "topology"]
+  checks = sys.argv[2:] or ["global", "per_device", "topology", "ptq"]
   for name in checks:
     globals()[f"check_{name}"](teacher_dir)

@@ -17,7 +17,7 @@ def _env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-@pytest.mark.parametrize("check", ["global", "per_device", "topology"])
+@pytest.mark.parametrize("check", ["global", "per_device", "topology", "ptq"])
 def test_multi_device(tiny_teacher_dir, check):
   proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py"),
                          tiny_teacher_dir, check], capture_output=True, text=True,

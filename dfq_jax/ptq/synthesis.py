@@ -154,9 +154,13 @@ class Synthesizer:
   num_classes: int
   step: Callable[..., Any]
   margins: Any
+  batch_sharding: Any = None  # images and labels split over the mesh's `data` axis
+
+  def _place(self, a):
+    return a if self.batch_sharding is None else jax.device_put(a, self.batch_sharding)
 
   def init_carry(self, key):
-    x = initial_images(self.hp, key, self.image_shape)
+    x = self._place(initial_images(self.hp, key, self.image_shape))
     return {"x": x, "opt": optax.scale_by_adam().init(x),
             "lr": jnp.asarray(self.hp.lr, jnp.float32),
             "best": jnp.asarray(jnp.inf, jnp.float32),
@@ -166,8 +170,8 @@ class Synthesizer:
     """Optimises one batch; returns (images, labels, last metrics as floats)."""
     k_init, k_labels, k_steps = jax.random.split(key, 3)
     carry = self.init_carry(k_init)
-    labels = jax.random.randint(k_labels, (self.hp.batch_size,), 0, self.num_classes,
-                                jnp.int32)
+    labels = self._place(jax.random.randint(k_labels, (self.hp.batch_size,), 0,
+                                            self.num_classes, jnp.int32))
     metrics = {}
     for t in range(self.hp.steps):
       carry, metrics = self.step(carry, labels, jax.random.fold_in(k_steps, t))
@@ -236,9 +240,21 @@ def plateau_update(lr, best, bad, loss, *, patience: int, min_lr: float,
 
 
 def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key: jax.Array,
-                     image_shape, num_classes: int) -> Synthesizer:
-  """The jitted step for `teacher`, with DSG's margins from one initial batch."""
+                     image_shape, num_classes: int, devices=None) -> Synthesizer:
+  """The jitted step for `teacher`, with DSG's margins from one initial batch.
+
+  The batch is split over `devices` (default: all; a `data` mesh axis as in training);
+  every statistic is per sample or over the whole batch, so the result does not depend
+  on the device count.
+  """
   image_shape = tuple(image_shape)
+  devices = devices or jax.devices()
+  if hp.batch_size % len(devices):
+    raise ValueError(f"ptq.batch_size={hp.batch_size} is not divisible by the "
+                     f"{len(devices)} devices: choose a multiple of the device count.")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def teacher_apply(x):
     logits, state = teacher.apply(teacher_vars, x, mutable=[BN_STATS])
@@ -268,7 +284,10 @@ def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key
     return {"x": x, "opt": opt, "lr": lr, "best": best, "bad": bad}, metrics
 
   return Synthesizer(hp=hp, image_shape=image_shape, num_classes=num_classes,
-                     step=jax.jit(step, donate_argnums=(0,)), margins=margins)
+                     step=jax.jit(step, donate_argnums=(0,), out_shardings=(
+                         {"x": batch_sharding, "opt": None, "lr": replicated,
+                          "best": replicated, "bad": replicated}, replicated)),
+                     margins=margins, batch_sharding=batch_sharding)
 
 
 def save_samples(path: str, images: np.ndarray, labels: np.ndarray, **meta) -> None:
