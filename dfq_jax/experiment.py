@@ -81,6 +81,13 @@ def validate_config(config) -> None:
   elif config.data.source != "digits":
     raise ValueError(f"data.source={config.data.source!r} is unknown: use imagefolder, "
                      "tfds or digits.")
+  from dfq_jax import generators  # pylint: disable=g-import-not-at-top
+  if config.generator.dtype not in generators.DTYPES:
+    raise ValueError(f"generator.dtype={config.generator.dtype!r} is unknown: use one of "
+                     f"{list(generators.DTYPES)}.")
+  if config.generator.conv_impl not in generators.CONV_IMPLS:
+    raise ValueError(f"generator.conv_impl={config.generator.conv_impl!r} is unknown: use "
+                     f"one of {list(generators.CONV_IMPLS)}.")
   if config.student_forward not in ("shared", "separate"):
     raise ValueError(f"student_forward={config.student_forward!r}: use shared or separate.")
   if config.stats_scope not in ("global", "per_device"):

@@ -75,6 +75,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir
     ({"num_classes": 100}, "classes"),
     ({"image_size": 32}, "expects 32x32"),
     ({"dsg.sci": "sometimes"}, "dsg.sci"),
+    ({"generator.dtype": "float16"}, "generator.dtype"),
+    ({"generator.conv_impl": "fft"}, "generator.conv_impl"),
 ])
 def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
   config = tiny_config(tiny_teacher_dir, "dsg", **override)
