@@ -60,6 +60,10 @@ _OBSERVERS = flags.DEFINE_list("observers", ["minmax", "sample_mean", "percentil
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable,
                                     "compare: Python executable that has torch installed.")
+_TORCH_FROZEN = flags.DEFINE_bool(
+    "torch_frozen_teacher", False,
+    "compare: the torch reference skips the teacher's weight gradients (the original code "
+    "computes them: its teacher is only in eval mode).")
 _PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 209.0,
                                   "compare: matmul peak (GFLOP/s) for the JAX peak fraction; "
                                   "<= 0 to omit. 209 = numpy sgemm on the project's CPU.")
@@ -208,7 +212,7 @@ def _run_json(cmd: list[str], what: str) -> dict:
 
 def compare(config, config_arg: str, overrides: list[str], batch: int | None, steps: int,
             warmup: int, rounds: int, torch_python: str = sys.executable,
-            peak_gflops: float | None = 209.0) -> dict:
+            peak_gflops: float | None = 209.0, torch_frozen_teacher: bool = False) -> dict:
   """JAX `speed` vs the eager torch reference, alternating fresh subprocesses J T J T ...
 
   Args:
@@ -244,6 +248,8 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
              f"--batch={batch}", f"--steps={steps}", f"--warmup={warmup}", *overrides]
   torch_cmd = [torch_python, _TORCH_REFERENCE, "--batch", str(batch), "--steps", str(steps),
                "--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
+  if torch_frozen_teacher:
+    torch_cmd.append("--frozen-teacher")
   jax_rows, torch_rows = [], []
   for _ in range(rounds):
     jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
@@ -268,6 +274,7 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
                             if peak_gflops and peak_gflops > 0 else None),
       "jax_device_kind": jax_rows[0]["device_kind"],
       "torch_version": torch_rows[0]["torch_version"], "torch_threads": torch_rows[0]["threads"],
+      "torch_frozen_teacher": torch_frozen_teacher,
       "torch_losses_step0": torch_rows[0]["losses_step0"],
   }
 
@@ -285,7 +292,8 @@ def main(argv):
     config_arg, overrides = _config_args(sys.argv[1:])
     try:
       row = compare(config, config_arg, overrides, _BATCH.value, _STEPS.value, _WARMUP.value,
-                    _ROUNDS.value, _TORCH_PYTHON.value, _PEAK_GFLOPS.value)
+                    _ROUNDS.value, _TORCH_PYTHON.value, _PEAK_GFLOPS.value,
+                    _TORCH_FROZEN.value)
     except TorchMissingError as e:
       sys.exit(f"error: {e}")
     print(json.dumps(row))

@@ -74,8 +74,19 @@ def test_student_structure():
   assert sum(isinstance(m, (ref.QuantConv2d, ref.QuantLinear)) for m in mods) == 20
   assert not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in mods)
   assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in step.teacher.modules()) == 19
-  assert not any(p.requires_grad for p in step.teacher.parameters())
   assert step.generator(torch.randn(2, 100), torch.tensor([0, 1])).shape == (2, 3, 32, 32)
+
+
+def test_teacher_gradients_as_in_the_original_code_unless_frozen():
+  """The original only calls model_teacher.eval(): its weight gradients are computed."""
+  original = ref.AdaDFQStep(batch=2)
+  original.step()
+  assert all(p.grad is not None and torch.any(p.grad != 0)
+             for p in original.teacher.parameters() if p.ndim == 4)
+  frozen = ref.AdaDFQStep(batch=2, frozen_teacher=True)
+  frozen.step()
+  assert not any(p.requires_grad for p in frozen.teacher.parameters())
+  assert all(p.grad is None for p in frozen.teacher.parameters())
 
 
 def test_reference_cli_prints_one_json_line_with_step0_losses():

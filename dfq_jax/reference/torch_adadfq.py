@@ -11,7 +11,11 @@ What one iteration does (methods.md §2.1, AdaDFQ losses §5.1), in torch's eage
 layout with torch's default initialisation:
   z ~ N(0, I) [B, 100], y ~ U{0..9};  x = G(z, y)                 (G in train mode)
   t = P(x)   forward hooks on every BN of P read the batch mean and biased variance of the
-             BN input (L_BNS, §2.5); P is in eval mode and frozen
+             BN input (L_BNS, §2.5); P is in eval mode. As in the original code
+             (which only calls `model_teacher.eval()`), P's parameters still require
+             grad, so every generator backward also computes (and accumulates) P's
+             weight gradients; `--frozen-teacher` skips them (a faster PyTorch than
+             the original)
   q = Q(x)   student with the gradient flowing through the STE into G (its own weight
              gradients are computed too and discarded, as in the original loop)
   L_G = h + beta (alpha_ds L_ds + alpha_as L_as) + gamma L_BNS;  Adam step on G only
@@ -279,13 +283,14 @@ class AdaDFQStep:
   """Models, hooks and optimisers of the AdaDFQ loop; `step()` runs one iteration."""
 
   def __init__(self, batch: int, w_bits: int = 4, a_bits: int = 4, channels_last: bool = False,
-               seed: int = 0):
+               seed: int = 0, frozen_teacher: bool = False):
     torch.manual_seed(seed)
     self.batch = batch
     self.generator = Generator(channels_last=channels_last).train()
     teacher = ResNet20().eval()
     self.student = quantize_model(copy.deepcopy(teacher), w_bits, a_bits).eval()
-    teacher.requires_grad_(False)
+    if frozen_teacher:
+      teacher.requires_grad_(False)
     self.teacher = teacher
     if channels_last:
       for m in (self.generator, self.teacher, self.student):
@@ -332,12 +337,13 @@ class AdaDFQStep:
 
 
 def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int = 4,
-              threads: int | None = None, channels_last: bool = False, seed: int = 0) -> dict:
+              threads: int | None = None, channels_last: bool = False, seed: int = 0,
+              frozen_teacher: bool = False) -> dict:
   if steps < 1 or warmup < 0 or batch < 2:
     raise ValueError(f"need steps >= 1, warmup >= 0, batch >= 2; got {steps}, {warmup}, {batch}")
   if threads:
     torch.set_num_threads(threads)
-  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed)
+  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher)
   losses0, times = None, []
   for i in range(warmup + steps):
     t0 = time.perf_counter()
@@ -352,7 +358,8 @@ def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int 
           "median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
           "images_per_s": batch / median, "timed_steps": steps, "warmup": warmup,
           "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-          "channels_last": channels_last, "losses_step0": losses0}
+          "channels_last": channels_last, "frozen_teacher": frozen_teacher,
+          "losses_step0": losses0}
 
 
 def main(argv=None):
@@ -366,10 +373,12 @@ def main(argv=None):
                  help="torch.set_num_threads (default: torch's own)")
   p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--frozen-teacher", action="store_true",
+                 help="skip the teacher's weight gradients (the original code computes them)")
   args = p.parse_args(argv)
   row = benchmark(args.batch, args.steps, args.warmup, args.bits,
                   args.abits if args.abits is not None else args.bits, args.threads,
-                  args.channels_last, args.seed)
+                  args.channels_last, args.seed, args.frozen_teacher)
   print(json.dumps(row), flush=True)
 
 
