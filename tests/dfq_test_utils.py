@@ -18,7 +18,12 @@ def tiny_config(teacher_dir, method="gdfq", **overrides):
   c.eval_every_steps = 4
   c.ckpt_every_steps = 2
   c.sample_every_steps = 4
-  for key, value in overrides.items():
+  return set_values(c, **overrides)
+
+
+def set_values(c, **values):
+  """Sets dotted keys ('calib.method') of config `c` in place; returns `c`."""
+  for key, value in values.items():
     node = c
     *parents, leaf = key.split(".")
     for p in parents:

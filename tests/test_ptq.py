@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfq_test_utils import load_config, tiny_config
+from dfq_test_utils import load_config, set_values, tiny_config
 from dfq_jax import experiment
 from dfq_jax import losses
 from dfq_jax import run as run_lib
@@ -287,13 +287,7 @@ def test_ptq_configs_apply_the_code_presets():
     ({"calib.percentile": 10.0}, "calib.percentile"),
 ])
 def test_bad_ptq_settings_stop_before_work(tiny_teacher_dir, tmp_path, override, message):
-  config = tiny_config(tiny_teacher_dir, "gdfq")
-  for key, value in override.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  config = set_values(tiny_config(tiny_teacher_dir, "gdfq"), **override)
   with pytest.raises(ValueError, match=message):
     run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
   assert not os.path.exists(tmp_path / "w" / "config.json")

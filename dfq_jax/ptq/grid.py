@@ -36,16 +36,11 @@ from dfq_jax.ptq import diagnostics, pipeline, synthesis
 SOURCES = ("zeroq", "dsg", "real", "noise")
 
 
-def _with(config, flags, **overrides):
+def _with(config, flags):
+  """A copy of `config` with config-argument flags (method, bits) applied."""
   c = copy.deepcopy(config)
   with c.unlocked():
     config_base.apply_flags(c, flags)
-    for key, value in overrides.items():
-      node = c
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
   return c
 
 
