@@ -19,19 +19,31 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def write_json_atomic(path: str, obj) -> None:
-  """Writes `obj` as JSON to `path` atomically (temp file + rename)."""
+def write_atomic(path: str, write, mode: str = "w") -> None:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it to `path`.
+
+  A crash or a full disk leaves the previous `path` intact (never a half-written file).
+  """
   directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=os.path.splitext(path)[1])
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
-      f.write("\n")
+    with os.fdopen(fd, mode) as f:
+      write(f)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes `obj` as JSON to `path` atomically (temp file + rename)."""
+
+  def write(f):
+    json.dump(obj, f, indent=2, sort_keys=True, default=_json_default)
+    f.write("\n")
+
+  write_atomic(path, write)
 
 
 def _json_default(o):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from dfq_jax import losses
+from dfq_jax import metrics as metrics_lib
 from dfq_jax.models.layers import BN_STATS, BatchNorm
 
 LSE_MODES = ("off", "ptq", "modulo")
@@ -153,7 +155,6 @@ class Synthesizer:
   image_shape: tuple
   num_classes: int
   step: Callable[..., Any]
-  margins: Any
   batch_sharding: Any = None  # images and labels split over the mesh's `data` axis
 
   def _place(self, a):
@@ -287,29 +288,18 @@ def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key
                      step=jax.jit(step, donate_argnums=(0,), out_shardings=(
                          {"x": batch_sharding, "opt": None, "lr": replicated,
                           "best": replicated, "bad": replicated}, replicated)),
-                     margins=margins, batch_sharding=batch_sharding)
+                     batch_sharding=batch_sharding)
 
 
 def save_samples(path: str, images: np.ndarray, labels: np.ndarray, **meta) -> None:
   """Writes a synthetic set as .npz atomically (temp file + rename)."""
-  import os  # pylint: disable=g-import-not-at-top
-  import tempfile  # pylint: disable=g-import-not-at-top
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int32),
-               **{k: np.asarray(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  metrics_lib.write_atomic(path, lambda f: np.savez(
+      f, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int32),
+      **{k: np.asarray(v) for k, v in meta.items()}), mode="wb")
 
 
 def load_samples(path: str, image_shape) -> tuple[np.ndarray, np.ndarray]:
   """Reads a synthetic set written by `save_samples`; checks the image shape."""
-  import os  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f"ptq.samples_path={path!r} does not exist: point it at the "
                             "synthetic.npz of an earlier PTQ run, or leave it empty.")
