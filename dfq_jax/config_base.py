@@ -101,8 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.generator.latent_dim = 100
   c.generator.width = 128
   c.generator.bn_eps = 0.8        # original-code slip (eps, not momentum); 1e-5 intended
-  c.generator.conv_impl = "subpixel"  # upsample+conv: subpixel (exact 2x2 low-res form,
-                                      # fast custom backward) | standard; same params
+  c.generator.conv_impl = "subpixel"  # subpixel (exact GEMM forms of the 3 convs with
+                                      # fast custom backwards) | standard; same params
   c.generator.dtype = "float32"   # generator conv compute dtype: float32 | bfloat16
   c.generator.lr = 1e-3
   c.generator.b1 = 0.5

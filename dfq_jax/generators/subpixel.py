@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfq_jax.quant.layers import _torch_bias_init, torch_kernel_init
+from dfq_jax.quant.layers import torch_bias_init, torch_kernel_init
 
 
 def _fold_taps(w: jax.Array, axis: int) -> jax.Array:
@@ -148,7 +148,7 @@ def _upconv_bwd(compute_dtype, res, dy):
   # Kernel gradient: one GEMM over all positions, mapped back through the fold.
   x4 = _im2col_2x2(_pad1(_cast(x, compute_dtype)))
   dw2 = jnp.einsum("bhwk,bhwn->kn", x4, dz, preferred_element_type=acc)
-  dkernel = _sum_over_extra_device_axes(kernel_grad_from_subpixel(dw2, ci, co), kernel)
+  dkernel = sum_over_extra_device_axes(kernel_grad_from_subpixel(dw2, ci, co), kernel)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -157,7 +157,7 @@ def _varying_axes(a: jax.Array) -> frozenset:
   return frozenset(getattr(manual, "varying", ()) or ())
 
 
-def _sum_over_extra_device_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
+def sum_over_extra_device_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
   """Inside `jax.shard_map`: the gradient of a replicated input is the sum over devices.
 
   JAX's own autodiff inserts this psum; a custom backward must do it itself, or the
@@ -207,5 +207,5 @@ class UpConv(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     in_ch = x.shape[-1]
     kernel = self.param("kernel", torch_kernel_init, (3, 3, in_ch, self.features))
-    bias = self.param("bias", _torch_bias_init(9 * in_ch), (self.features,))
+    bias = self.param("bias", torch_bias_init(9 * in_ch), (self.features,))
     return upsample2x_conv3x3(x, kernel, bias, compute_dtype=self.dtype).astype(x.dtype)

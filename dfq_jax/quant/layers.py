@@ -137,7 +137,8 @@ def torch_kernel_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _torch_bias_init(fan_in):
+def torch_bias_init(fan_in):
+  """PyTorch's default conv/linear bias init, U(±1/√fan_in)."""
   bound = 1.0 / math.sqrt(fan_in)
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
       key, shape, dtype, -bound, bound)
@@ -184,7 +185,7 @@ class QConv(nn.Module):
     y = y.astype(x.dtype)
     if self.use_bias:
       fan_in = kh * kw * in_ch // self.feature_group_count
-      y = y + self.param("bias", _torch_bias_init(fan_in), (self.features,))
+      y = y + self.param("bias", torch_bias_init(fan_in), (self.features,))
     return y
 
 
@@ -205,7 +206,7 @@ class QDense(nn.Module):
         kernel = numerics.quantize_weight(kernel, bits)
     y = x @ kernel
     if self.use_bias:
-      y = y + self.param("bias", _torch_bias_init(x.shape[-1]), (self.features,))
+      y = y + self.param("bias", torch_bias_init(x.shape[-1]), (self.features,))
     return y
 
 

@@ -1,0 +1,132 @@
+"""Exact GEMM form of a 3x3 'same' conv with few output channels (the generators' image conv).
+
+The last generator conv maps 64 channels to the 3 image channels at full resolution. For
+so few outputs XLA:CPU's convolution kernels are slow, its weight gradient above all
+(batch 200, 32x32: 110 ms of a 1.4 s AdaDFQ iteration, ~6 GFLOP/s). Written with the nine
+kernel taps as GEMM columns, every pass is one skinny GEMM over all pixels plus cheap
+shifted adds on tensors of 9*cout channels:
+
+  forward:  P = x @ Wm,  Wm [cin, (kh,kw,co)]           (all taps at every pixel)
+            y[i, j] = sum_{kh,kw} P[i+kh-1, j+kw-1, (kh,kw)]   (zero outside the image)
+  backward: C[p, q, (kh,kw,co)] = dy[p-kh+1, q-kw+1, co]  (9 shifted copies of dy)
+            dx = C @ Wm^T,   dWm = x^T @ C,   dbias = sum(dy).
+
+Same results as `lax.conv` up to float rounding (tests/test_narrow_conv.py); measured by
+`python -m dfq_jax.generators.bench_subpixel` (the whole generator) and the README's
+speed section. The tensors P and C have 9*cout channels, so this form is only worth it
+for narrow outputs (cout << cin); the generators use it for the image conv only.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfq_jax.generators.subpixel import sum_over_extra_device_axes
+from dfq_jax.quant.layers import torch_bias_init, torch_kernel_init
+
+
+def _tap_matrix(kernel: jax.Array) -> jax.Array:
+  """[3, 3, ci, co] HWIO kernel -> [ci, (kh, kw, co)]."""
+  ci = kernel.shape[2]
+  return jnp.transpose(kernel, (2, 0, 1, 3)).reshape(ci, -1)
+
+
+def _sum_shifted_taps(p: jax.Array, h: int, w: int) -> jax.Array:
+  """p [B, H, W, 3, 3, co] -> y [B, H, W, co], y[i, j] = sum p[i+kh-1, j+kw-1, kh, kw]."""
+  pp = jnp.pad(p, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
+  return sum(pp[:, kh:kh + h, kw:kw + w, kh, kw] for kh in range(3) for kw in range(3))
+
+
+def _shifted_copies(dy: jax.Array) -> jax.Array:
+  """dy [B, H, W, co] -> C [B, H, W, (kh, kw, co)], C[p, q, kh, kw] = dy[p-kh+1, q-kw+1]."""
+  _, h, w, _ = dy.shape
+  dyp = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return jnp.concatenate([dyp[:, 2 - kh:2 - kh + h, 2 - kw:2 - kw + w]
+                          for kh in range(3) for kw in range(3)], axis=-1)
+
+
+def _cast(a: jax.Array, dtype) -> jax.Array:
+  return a if dtype is None else a.astype(dtype)
+
+
+def _acc_dtype(x, kernel):
+  return jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _narrow_conv(x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
+  y, _ = _narrow_conv_fwd(x, kernel, compute_dtype)
+  return y
+
+
+def _narrow_conv_fwd(x, kernel, compute_dtype):
+  b, h, w, ci = x.shape
+  co = kernel.shape[-1]
+  acc = _acc_dtype(x, kernel)
+  wm = _cast(_tap_matrix(kernel.astype(acc)), compute_dtype)
+  p = jnp.einsum("bhwc,cn->bhwn", _cast(x, compute_dtype), wm, preferred_element_type=acc)
+  y = _sum_shifted_taps(p.reshape(b, h, w, 3, 3, co), h, w)
+  return y.astype(jnp.promote_types(x.dtype, kernel.dtype)), (x, kernel)
+
+
+def _narrow_conv_bwd(compute_dtype, res, dy):
+  x, kernel = res
+  ci, co = kernel.shape[2], kernel.shape[3]
+  acc = _acc_dtype(x, kernel)
+  c = _shifted_copies(_cast(dy, compute_dtype))                  # [B, H, W, 9co]
+  wm = _cast(_tap_matrix(kernel.astype(acc)), compute_dtype)     # [ci, 9co]
+  dx = jnp.einsum("bhwn,cn->bhwc", c, wm, preferred_element_type=acc)
+  dwm = jnp.einsum("bhwc,bhwn->cn", _cast(x, compute_dtype), c, preferred_element_type=acc)
+  dkernel = jnp.transpose(dwm.reshape(ci, 3, 3, co), (1, 2, 0, 3))
+  dkernel = sum_over_extra_device_axes(dkernel, kernel)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd)
+
+
+def conv3x3_narrow(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                   compute_dtype: Any = None) -> jax.Array:
+  """`conv3x3(x, kernel) + bias` (stride 1, zero padding 1) in tap-GEMM form.
+
+  Args:
+    x: [B, H, W, Cin] NHWC activations.
+    kernel: [3, 3, Cin, Cout] HWIO kernel; meant for small Cout (the 3 image channels).
+    bias: optional [Cout].
+    compute_dtype: optional GEMM input dtype (e.g. jnp.bfloat16); accumulation and the
+      result in float32 (or wider). None = the inputs' dtype.
+  Returns:
+    [B, H, W, Cout]. Differentiable in x, kernel and bias (custom VJP; module doc).
+  """
+  if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
+    raise ValueError(f"conv3x3_narrow wants x [B,H,W,C] and kernel [3,3,C,Cout]; got "
+                     f"{x.shape} and {kernel.shape}.")
+  compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
+  y = _narrow_conv(x, kernel, compute_dtype)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+class NarrowConv(nn.Module):
+  """3x3 'same' conv with bias in tap-GEMM form; QConv's parameters ('kernel', 'bias').
+
+  Creates exactly the parameters of `QConv(features, (3, 3), use_bias=True)` (same names,
+  shapes, PyTorch-default initialisers and order), so it replaces it under the same name
+  without changing the parameter tree.
+  """
+  features: int
+  dtype: Any = None  # GEMM input dtype (None = float32)
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_ch = x.shape[-1]
+    kernel = self.param("kernel", torch_kernel_init, (3, 3, in_ch, self.features))
+    bias = self.param("bias", torch_bias_init(9 * in_ch), (self.features,))
+    return conv3x3_narrow(x, kernel, bias, compute_dtype=self.dtype).astype(x.dtype)
