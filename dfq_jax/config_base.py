@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.batch_size = 16               # global batch, split over all devices
   c.student_forward = "shared"    # AdaDFQ: one student forward for both steps | separate
   c.stats_scope = "global"        # global (sync-BN, device-count independent) | per_device
+  c.cpu_conv_kernels = "eigen"    # XLA:CPU convs: eigen (faster here) | ynn (XLA default)
   c.epochs = 400
   c.iters_per_epoch = 200
   c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled

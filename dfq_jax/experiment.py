@@ -19,6 +19,7 @@ import numpy as np
 
 from dfq_jax import config_base
 from dfq_jax import demo
+from dfq_jax import xla_options
 from dfq_jax.data import get_normalization, load_eval_data
 from dfq_jax.data.preprocess import ImageDataset, Normalization
 from dfq_jax.generators import get_generator
@@ -92,6 +93,7 @@ def validate_config(config) -> None:
     raise ValueError(f"student_forward={config.student_forward!r}: use shared or separate.")
   if config.stats_scope not in ("global", "per_device"):
     raise ValueError(f"stats_scope={config.stats_scope!r}: use global or per_device.")
+  xla_options.check_cpu_conv_kernels(config.cpu_conv_kernels)
   if config.calib.source not in ("noise", "real"):
     raise ValueError(f"calib.source={config.calib.source!r}: use noise or real.")
   if config.calib.method not in numerics.OBSERVERS:

@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dfq_jax import schedule as schedule_lib
+from dfq_jax import xla_options
 
 
 @dataclasses.dataclass
@@ -256,7 +257,8 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(step_fn, static_argnums=(3,), donate_argnums=(0,),
-                 out_shardings=(replicated, replicated))
+                 out_shardings=(replicated, replicated),
+                 compiler_options=xla_options.compiler_options(config.cpu_conv_kernels))
 
 
 def generate_samples(models: Models, gen_params, key, count: int):

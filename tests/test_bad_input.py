@@ -77,6 +77,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir
     ({"dsg.sci": "sometimes"}, "dsg.sci"),
     ({"generator.dtype": "float16"}, "generator.dtype"),
     ({"generator.conv_impl": "fft"}, "generator.conv_impl"),
+    ({"cpu_conv_kernels": "onednn"}, "cpu_conv_kernels"),
 ])
 def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
   config = tiny_config(tiny_teacher_dir, "dsg", **override)

@@ -22,6 +22,7 @@ import numpy as np
 
 from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
+from dfq_jax import xla_options
 from dfq_jax.ptq import synthesis
 
 SAMPLES_FILE = "synthetic.npz"
@@ -49,7 +50,9 @@ def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.
   key = jax.random.fold_in(jax.random.key(config.seed), 11)
   synth = synthesis.make_synthesizer(hp, models.teacher, models.teacher_vars,
                                      jax.random.fold_in(key, 0), models.image_shape,
-                                     models.num_classes)
+                                     models.num_classes,
+                                     compiler_options=xla_options.compiler_options(
+                                         config.cpu_conv_kernels))
   writer = metrics_lib.MetricWriter(workdir, resume_step=len(images) * hp.steps,
                                     tensorboard=False)
   try:

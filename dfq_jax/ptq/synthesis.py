@@ -241,8 +241,11 @@ def plateau_update(lr, best, bad, loss, *, patience: int, min_lr: float,
 
 
 def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key: jax.Array,
-                     image_shape, num_classes: int, devices=None) -> Synthesizer:
+                     image_shape, num_classes: int, devices=None,
+                     compiler_options: dict | None = None) -> Synthesizer:
   """The jitted step for `teacher`, with DSG's margins from one initial batch.
+
+  `compiler_options` go to `jax.jit` (see `dfq_jax.xla_options`).
 
   The batch is split over `devices` (default: all; a `data` mesh axis as in training);
   every statistic is per sample or over the whole batch, so the result does not depend
@@ -287,7 +290,8 @@ def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key
   return Synthesizer(hp=hp, image_shape=image_shape, num_classes=num_classes,
                      step=jax.jit(step, donate_argnums=(0,), out_shardings=(
                          {"x": batch_sharding, "opt": None, "lr": replicated,
-                          "best": replicated, "bad": replicated}, replicated)),
+                          "best": replicated, "bad": replicated}, replicated),
+                         compiler_options=compiler_options),
                      batch_sharding=batch_sharding)
 
 
