@@ -2,7 +2,8 @@
 
   python -m dfq_jax.generators.bench_subpixel --batch 16 [--rounds 15] [--dtypes float32,bfloat16]
 
-Jits grad(loss)(params) of one generator (CIFAR form by default: width 128, latent 100,
+Jits grad(loss)(params) of one generator (with the training step's XLA options,
+`--cpu-conv-kernels`) (CIFAR form by default: width 128, latent 100,
 32x32) for each (conv_impl, dtype) config, warms every config up, then runs the configs
 in alternation for `rounds` rounds (fair on a shared CPU) and prints one JSON line per
 config: median/min ms, speed-up over 'standard' with the same dtype, and the relative
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfq_jax import xla_options
 from dfq_jax.generators import get_generator
 
 
@@ -34,7 +36,8 @@ def _rel_err(a, b) -> float:
 
 def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int = 32,
         width: int = 128, latent_dim: int = 100, num_classes: int = 10,
-        impls=("standard", "subpixel"), dtypes=("float32", "bfloat16"), seed: int = 0):
+        impls=("standard", "subpixel"), dtypes=("float32", "bfloat16"), seed: int = 0,
+        cpu_conv_kernels: str = "eigen"):
   """Returns one result dict per (impl, dtype) config (see the module docstring)."""
   kz, ky, kt, ki = jax.random.split(jax.random.key(seed), 4)
   z = jax.random.normal(kz, (batch, latent_dim))
@@ -53,7 +56,8 @@ def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int 
         images = gen.apply({"params": p}, z, labels)
         return jnp.mean((images - target) ** 2), images
 
-      step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+      step = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                     compiler_options=xla_options.compiler_options(cpu_conv_kernels))
       out = jax.block_until_ready(step(params))  # compile
       jax.block_until_ready(step(params))        # warm-up
       configs.append((impl, dtype))
@@ -92,10 +96,13 @@ def main(argv=None):
   ap.add_argument("--impls", default="standard,subpixel")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--cpu-conv-kernels", default="eigen", choices=xla_options.CPU_CONV_KERNELS,
+                  help="XLA:CPU convolution kernels (dfq_jax/xla_options.py)")
   a = ap.parse_args(argv)
   for r in run(a.batch, a.rounds, a.generator, a.image_size, a.width,
                num_classes=a.num_classes, impls=tuple(a.impls.split(",")),
-               dtypes=tuple(a.dtypes.split(",")), seed=a.seed):
+               dtypes=tuple(a.dtypes.split(",")), seed=a.seed,
+               cpu_conv_kernels=a.cpu_conv_kernels):
     print(json.dumps(r), flush=True)
 
 

@@ -15,17 +15,19 @@ and output phase a at row i is Z[i+a] with the phase-a taps above. W2 [2,2,cin,2
 is a fixed 0/1 linear map of the 3x3 kernel; its gradient maps back by the transpose.
 Backward, with dZ = the output cotangent de-interleaved into Z's layout (each phase zero-
 padded by one row/column on the side it does not reach):
-  dx[r] = sum_k dZ[r+1-k] W2[k]^T      (2x2 VALID conv of dZ; no padding needed),
-  dW2[k] = sum_t xp[t+k]^T dZ[t]       (one GEMM after a 2x2 im2col of xp),
+  dx[r] = sum_k dZ[r+1-k] W2[k]^T      (2x2 VALID conv of dZ, flipped kernel; no padding),
+  dW2[k] = sum_t xp[t+k]^T dZ[t]       (2x2 correlation of xp with dZ, batch <-> feature),
   dkernel = transpose(fold)(dW2),  dbias = sum(dy).
-Each piece is one large GEMM (M = B*(H+1)*(W+1), K/N = 4*cin and 4*cout) plus cheap
-slices/shift-adds, which XLA:CPU runs near its dot peak.
+All three are plain `lax.conv`s at low resolution with 4*cout channels.
 
-Why: on CPU the weight gradient XLA generates for the high-resolution 3x3 conv runs at
-~35 GFLOP/s (vs ~150 for its forward), and XLA's own autodiff of the padded 2x2 conv is
-pathologically slow (895 ms vs 116 ms, ../shared/docs/speed-notes.md §4(e)); the
-sub-pixel form also has 4/9 x (H+1)(W+1)/(HW) of the multiply-adds of the original.
-Hence the `jax.custom_vjp` below. `bench_subpixel.py` measures it.
+Why: the sub-pixel form has 4/9 x (H+1)(W+1)/(HW) of the multiply-adds of the original,
+and at low resolution with wide channels every conv runs near the machine's peak (CIFAR
+generator, batch 200, 2-core CPU: the 16->32 conv forward 57 ms = 280 GFLOP/s). On CPU
+compile with `dfq_jax.xla_options.compiler_options()` (the training step does): XLA's
+default YNNPACK kernels run the two backward convs 3-5x slower than its Eigen ones.
+The backward is written out (`jax.custom_vjp`) so that it stays these three convs and the
+kernel-fold transpose; `bench_subpixel.py` measures it. (A first version ran all three as
+im2col GEMMs; the convs are 25-30 % faster at batch 200.)
 """
 
 from __future__ import annotations
@@ -83,12 +85,6 @@ def kernel_grad_from_subpixel(dw2: jax.Array, ci: int, co: int) -> jax.Array:
   return _unfold_taps(d, 0)                 # [3, 3, ci, co]
 
 
-def _im2col_2x2(xp: jax.Array) -> jax.Array:
-  """[B, H+2, W+2, C] -> [B, H+1, W+1, 4C], channels ordered (kh, kw, c)."""
-  h, w = xp.shape[1] - 1, xp.shape[2] - 1
-  return jnp.concatenate([xp[:, p:p + h, q:q + w] for p in (0, 1) for q in (0, 1)], axis=-1)
-
-
 def _interleave(z: jax.Array, h: int, w: int, co: int) -> jax.Array:
   """Z [B, H+1, W+1, (a,b,co)] -> y [B, 2H, 2W, co] with y[2i+a, 2j+b] = Z[i+a, j+b, (a,b)]."""
   z = z.reshape(z.shape[0], h + 1, w + 1, 2, 2, co)
@@ -122,13 +118,22 @@ def _acc_dtype(x, kernel):
   return jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
 
 
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_kernel(kernel: jax.Array, acc, compute_dtype) -> jax.Array:
+  """The 2x2 sub-pixel kernel as a conv kernel [2, 2, ci, 4co] (HWIO)."""
+  ci, co = kernel.shape[2], kernel.shape[3]
+  return _cast(subpixel_kernel(kernel.astype(acc)), compute_dtype).reshape(2, 2, ci, 4 * co)
+
+
 def _upconv_fwd(x, kernel, compute_dtype):
   _, h, w, _ = x.shape
   co = kernel.shape[-1]
   acc = _acc_dtype(x, kernel)
-  x4 = _im2col_2x2(_pad1(_cast(x, compute_dtype)))
-  w2 = _cast(subpixel_kernel(kernel.astype(acc)), compute_dtype)
-  z = jnp.einsum("bhwk,kn->bhwn", x4, w2, preferred_element_type=acc)
+  z = jax.lax.conv_general_dilated(_pad1(_cast(x, compute_dtype)),
+                                   _conv_kernel(kernel, acc, compute_dtype), (1, 1), "VALID",
+                                   dimension_numbers=_DN, preferred_element_type=acc)
   y = _interleave(z, h, w, co).astype(jnp.promote_types(x.dtype, kernel.dtype))
   return y, (x, kernel)
 
@@ -138,17 +143,19 @@ def _upconv_bwd(compute_dtype, res, dy):
   _, h, w, ci = x.shape
   co = kernel.shape[-1]
   acc = _acc_dtype(x, kernel)
-  dz = _deinterleave(_cast(dy, compute_dtype), h, w, co)          # [B, H+1, W+1, 4co]
-  w2 = _cast(subpixel_kernel(kernel.astype(acc)), compute_dtype)  # [4ci, 4co]
-  # Input gradient: one GEMM for all four taps, then a shift-add of the tap planes.
-  p = jnp.einsum("bhwn,kn->bhwk", dz, w2, preferred_element_type=acc)
-  p = p.reshape(p.shape[:3] + (2, 2, ci))
-  dx = sum(p[:, 1 - kh:1 - kh + h, 1 - kw:1 - kw + w, kh, kw]
-           for kh in (0, 1) for kw in (0, 1))
-  # Kernel gradient: one GEMM over all positions, mapped back through the fold.
-  x4 = _im2col_2x2(_pad1(_cast(x, compute_dtype)))
-  dw2 = jnp.einsum("bhwk,bhwn->kn", x4, dz, preferred_element_type=acc)
-  dkernel = sum_over_extra_device_axes(kernel_grad_from_subpixel(dw2, ci, co), kernel)
+  dz = _deinterleave(_cast(dy, compute_dtype), h, w, co)   # [B, H+1, W+1, 4co]
+  w2 = _conv_kernel(kernel, acc, compute_dtype)             # [2, 2, ci, 4co]
+  # Input gradient: 2x2 VALID conv of dZ with the flipped, transposed kernel.
+  w2t = jnp.transpose(w2[::-1, ::-1], (0, 1, 3, 2))          # [2, 2, 4co, ci]
+  dx = jax.lax.conv_general_dilated(dz, w2t, (1, 1), "VALID", dimension_numbers=_DN,
+                                    preferred_element_type=acc)
+  # Kernel gradient: correlation of xp with dZ over batch and space (batch <-> feature
+  # swapped), mapped back through the fold.
+  dw2 = jax.lax.conv_general_dilated(_pad1(_cast(x, compute_dtype)), dz, (1, 1), "VALID",
+                                     dimension_numbers=("CHWN", "IHWO", "HWNC"),
+                                     preferred_element_type=acc)  # [2, 2, ci, 4co]
+  dkernel = kernel_grad_from_subpixel(dw2.reshape(4 * ci, 4 * co), ci, co)
+  dkernel = sum_over_extra_device_axes(dkernel, kernel)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
