@@ -82,8 +82,9 @@ def _narrow_conv_bwd(compute_dtype, res, dy):
   c = _shifted_copies(_cast(dy, compute_dtype))                  # [B, H, W, 9co]
   wm = _cast(_tap_matrix(kernel.astype(acc)), compute_dtype)     # [ci, 9co]
   dx = jnp.einsum("bhwn,cn->bhwc", c, wm, preferred_element_type=acc)
-  dwm = jnp.einsum("bhwc,bhwn->cn", _cast(x, compute_dtype), c, preferred_element_type=acc)
-  dkernel = jnp.transpose(dwm.reshape(ci, 3, 3, co), (1, 2, 0, 3))
+  # As C^T x (not x^T C): XLA then transposes the narrow C, not the wide x (12 vs 35 ms).
+  dwm_t = jnp.einsum("bhwn,bhwc->nc", c, _cast(x, compute_dtype), preferred_element_type=acc)
+  dkernel = jnp.transpose(dwm_t.reshape(3, 3, co, ci), (0, 1, 3, 2))
   dkernel = sum_over_extra_device_axes(dkernel, kernel)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
