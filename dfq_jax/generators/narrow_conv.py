@@ -2,7 +2,8 @@
 
 The last generator conv maps 64 channels to the 3 image channels at full resolution. For
 so few outputs XLA:CPU's convolution kernels are slow, its weight gradient above all
-(batch 200, 32x32: 110 ms of a 1.4 s AdaDFQ iteration, ~6 GFLOP/s). Written with the nine
+(batch 200, 32x32, YNNPACK: 110 ms of a 1.4 s AdaDFQ iteration, ~6 GFLOP/s; fwd+bwd
+145 ms with YNNPACK, ~80-110 ms with Eigen, 40-55 ms in this form). Written with the nine
 kernel taps as GEMM columns, every pass is one skinny GEMM over all pixels plus cheap
 shifted adds on tensors of 9*cout channels:
 

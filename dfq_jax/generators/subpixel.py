@@ -24,7 +24,7 @@ Why: the sub-pixel form has 4/9 x (H+1)(W+1)/(HW) of the multiply-adds of the or
 and at low resolution with wide channels every conv runs near the machine's peak (CIFAR
 generator, batch 200, 2-core CPU: the 16->32 conv forward 57 ms = 280 GFLOP/s). On CPU
 compile with `dfq_jax.xla_options.compiler_options()` (the training step does): XLA's
-default YNNPACK kernels run the two backward convs 3-5x slower than its Eigen ones.
+default YNNPACK kernels run the two backward convs 2-6x slower than its Eigen ones.
 The backward is written out (`jax.custom_vjp`) so that it stays these three convs and the
 kernel-fold transpose; `bench_subpixel.py` measures it. (A first version ran all three as
 im2col GEMMs; the convs are 25-30 % faster at batch 200.)
