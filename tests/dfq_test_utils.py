@@ -42,3 +42,24 @@ def load_config(name, arg=None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def assert_close_to_scale(a, b, rtol=1e-5):
+  """Max |a - b| within `rtol` of max |b| (for values with entries near zero)."""
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  assert a.shape == b.shape
+  scale = max(np.abs(b).max(), 1e-30)
+  assert np.abs(a - b).max() <= rtol * scale, np.abs(a - b).max() / scale
+
+
+def conv_inputs(b, h, w, ci, co, seed=0, out_scale=1):
+  """x [b,h,w,ci], a 3x3 kernel, bias [co] and an output cotangent of side `out_scale` x."""
+  import jax
+  import numpy as np
+  kx, kk, kb, kd = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(kx, (b, h, w, ci))
+  kernel = jax.random.normal(kk, (3, 3, ci, co)) / np.sqrt(9 * ci)
+  bias = jax.random.normal(kb, (co,))
+  dy = jax.random.normal(kd, (b, out_scale * h, out_scale * w, co))
+  return x, kernel, bias, dy

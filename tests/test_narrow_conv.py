@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dfq_test_utils import assert_close_to_scale, conv_inputs
 
 from dfq_jax.generators.narrow_conv import NarrowConv, conv3x3_narrow
 from dfq_jax.quant.layers import QConv
@@ -15,23 +16,6 @@ def _reference(x, kernel, bias):
   return y + bias
 
 
-def _close(a, b, rtol=1e-5):
-  """Max abs difference within rtol of the reference's max abs value."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape
-  scale = max(np.abs(b).max(), 1e-30)
-  assert np.abs(a - b).max() <= rtol * scale, np.abs(a - b).max() / scale
-
-
-def _inputs(b, h, w, ci, co, seed=0):
-  kx, kk, kb, kd = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(kx, (b, h, w, ci))
-  kernel = jax.random.normal(kk, (3, 3, ci, co)) / np.sqrt(9 * ci)
-  bias = jax.random.normal(kb, (co,))
-  dy = jax.random.normal(kd, (b, h, w, co))
-  return x, kernel, bias, dy
-
-
 @pytest.mark.parametrize("shape", [  # (batch, H, W, cin, cout)
     (2, 8, 8, 64, 3),
     (3, 5, 7, 6, 2),   # H != W, odd sizes
@@ -40,12 +24,12 @@ def _inputs(b, h, w, ci, co, seed=0):
     (2, 6, 6, 3, 16),  # wide output still exact
 ])
 def test_forward_and_gradients_match_lax_conv(shape):
-  x, kernel, bias, dy = _inputs(*shape)
+  x, kernel, bias, dy = conv_inputs(*shape)
   y, vjp = jax.vjp(conv3x3_narrow, x, kernel, bias)
   y_ref, vjp_ref = jax.vjp(_reference, x, kernel, bias)
-  _close(y, y_ref)
+  assert_close_to_scale(y, y_ref)
   for g, g_ref in zip(vjp(dy), vjp_ref(dy)):  # dx, dkernel, dbias
-    _close(g, g_ref)
+    assert_close_to_scale(g, g_ref)
 
 
 def test_asymmetric_kernel_orientation():
@@ -58,15 +42,15 @@ def test_asymmetric_kernel_orientation():
 
 
 def test_bfloat16_compute_is_close_and_returns_float32():
-  x, kernel, bias, dy = _inputs(2, 6, 6, 32, 3, seed=2)
+  x, kernel, bias, dy = conv_inputs(2, 6, 6, 32, 3, seed=2)
   f = lambda x, k, b: conv3x3_narrow(x, k, b, compute_dtype=jnp.bfloat16)
   y, vjp = jax.vjp(f, x, kernel, bias)
   assert y.dtype == jnp.float32
   y_ref, vjp_ref = jax.vjp(_reference, x, kernel, bias)
-  _close(y, y_ref, rtol=2e-2)
+  assert_close_to_scale(y, y_ref, rtol=2e-2)
   for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
     assert g.dtype == jnp.float32
-    _close(g, g_ref, rtol=2e-2)
+    assert_close_to_scale(g, g_ref, rtol=2e-2)
 
 
 def test_module_has_qconv_parameters_and_outputs():
@@ -75,7 +59,7 @@ def test_module_has_qconv_parameters_and_outputs():
   p = narrow.init(jax.random.key(4), x)
   p_std = standard.init(jax.random.key(4), x)
   jax.tree.map(np.testing.assert_array_equal, p, p_std)
-  _close(jax.jit(narrow.apply)(p, x), standard.apply(p_std, x))
+  assert_close_to_scale(jax.jit(narrow.apply)(p, x), standard.apply(p_std, x))
 
 
 def test_rejects_wrong_kernel_shape():

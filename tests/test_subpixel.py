@@ -1,9 +1,12 @@
 """The sub-pixel upsample+conv (generators/subpixel.py) equals upsample then 3x3 conv."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from dfq_test_utils import assert_close_to_scale, conv_inputs
 
 from dfq_jax.generators import get_generator
 from dfq_jax.generators.gdfq import GeneratorCifar, upsample_nearest_2x
@@ -18,21 +21,8 @@ def _reference(x, kernel, bias):
   return y + bias
 
 
-def _close(a, b, rtol=RTOL):
-  """Max abs difference within rtol of the reference's max abs value."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  assert a.shape == b.shape
-  scale = max(np.abs(b).max(), 1e-30)
-  assert np.abs(a - b).max() <= rtol * scale, np.abs(a - b).max() / scale
-
-
-def _inputs(b, h, w, ci, co, seed=0):
-  kx, kk, kb, kd = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(kx, (b, h, w, ci))
-  kernel = jax.random.normal(kk, (3, 3, ci, co)) / np.sqrt(9 * ci)
-  bias = jax.random.normal(kb, (co,))
-  dy = jax.random.normal(kd, (b, 2 * h, 2 * w, co))
-  return x, kernel, bias, dy
+_close = assert_close_to_scale
+_inputs = functools.partial(conv_inputs, out_scale=2)  # dy at twice the input's side
 
 
 SHAPES = [  # (batch, H, W, cin, cout)

@@ -23,13 +23,10 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dfq_jax.generators.subpixel import sum_over_extra_device_axes
-from dfq_jax.quant.layers import torch_bias_init, torch_kernel_init
+from dfq_jax.generators.subpixel import UpConv, apply_conv3x3, sum_over_extra_device_axes
 
 
 def _tap_matrix(kernel: jax.Array) -> jax.Array:
@@ -106,29 +103,15 @@ def conv3x3_narrow(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   Returns:
     [B, H, W, Cout]. Differentiable in x, kernel and bias (custom VJP; module doc).
   """
-  if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
-    raise ValueError(f"conv3x3_narrow wants x [B,H,W,C] and kernel [3,3,C,Cout]; got "
-                     f"{x.shape} and {kernel.shape}.")
-  compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
-  y = _narrow_conv(x, kernel, compute_dtype)
-  if bias is not None:
-    y = y + bias.astype(y.dtype)
-  return y
+  return apply_conv3x3(_narrow_conv, "conv3x3_narrow", x, kernel, bias, compute_dtype)
 
 
-class NarrowConv(nn.Module):
+class NarrowConv(UpConv):
   """3x3 'same' conv with bias in tap-GEMM form; QConv's parameters ('kernel', 'bias').
 
   Creates exactly the parameters of `QConv(features, (3, 3), use_bias=True)` (same names,
   shapes, PyTorch-default initialisers and order), so it replaces it under the same name
-  without changing the parameter tree.
+  without changing the parameter tree. (Fields and parameters as `UpConv`, without the
+  upsampling.)
   """
-  features: int
-  dtype: Any = None  # GEMM input dtype (None = float32)
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    in_ch = x.shape[-1]
-    kernel = self.param("kernel", torch_kernel_init, (3, 3, in_ch, self.features))
-    bias = self.param("bias", torch_bias_init(9 * in_ch), (self.features,))
-    return conv3x3_narrow(x, kernel, bias, compute_dtype=self.dtype).astype(x.dtype)
+  conv = staticmethod(conv3x3_narrow)

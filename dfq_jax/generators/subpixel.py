@@ -190,11 +190,16 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None =
   Returns:
     [B, 2H, 2W, Cout]. Differentiable in x, kernel and bias (custom VJP; see module doc).
   """
+  return apply_conv3x3(_upconv, "upsample2x_conv3x3", x, kernel, bias, compute_dtype)
+
+
+def apply_conv3x3(custom_conv, name: str, x, kernel, bias, compute_dtype):
+  """Checks shapes, calls `custom_conv(x, kernel, compute_dtype)`, adds the bias."""
   if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
-    raise ValueError(f"upsample2x_conv3x3 wants x [B,H,W,C] and kernel [3,3,C,Cout]; got "
+    raise ValueError(f"{name} wants x [B,H,W,C] and kernel [3,3,C,Cout]; got "
                      f"{x.shape} and {kernel.shape}.")
   compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
-  y = _upconv(x, kernel, compute_dtype)
+  y = custom_conv(x, kernel, compute_dtype)
   if bias is not None:
     y = y + bias.astype(y.dtype)
   return y
@@ -209,10 +214,11 @@ class UpConv(nn.Module):
   """
   features: int
   dtype: Any = None  # GEMM input dtype (None = float32)
+  conv = staticmethod(upsample2x_conv3x3)  # a class attribute, not a module field
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_ch = x.shape[-1]
     kernel = self.param("kernel", torch_kernel_init, (3, 3, in_ch, self.features))
     bias = self.param("bias", torch_bias_init(9 * in_ch), (self.features,))
-    return upsample2x_conv3x3(x, kernel, bias, compute_dtype=self.dtype).astype(x.dtype)
+    return self.conv(x, kernel, bias, compute_dtype=self.dtype).astype(x.dtype)
