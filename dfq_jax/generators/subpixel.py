@@ -104,7 +104,8 @@ def _pad1(x: jax.Array) -> jax.Array:
   return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def _cast(a: jax.Array, dtype) -> jax.Array:
+def cast_to(a: jax.Array, dtype) -> jax.Array:
+  """`a` in `dtype`; unchanged if dtype is None."""
   return a if dtype is None else a.astype(dtype)
 
 
@@ -114,7 +115,8 @@ def _upconv(x: jax.Array, kernel: jax.Array, compute_dtype) -> jax.Array:
   return y
 
 
-def _acc_dtype(x, kernel):
+def accumulation_dtype(x, kernel):
+  """The dtype products are accumulated in: the inputs' type, at least float32."""
   return jnp.promote_types(jnp.promote_types(x.dtype, kernel.dtype), jnp.float32)
 
 
@@ -124,14 +126,14 @@ _DN = ("NHWC", "HWIO", "NHWC")
 def _conv_kernel(kernel: jax.Array, acc, compute_dtype) -> jax.Array:
   """The 2x2 sub-pixel kernel as a conv kernel [2, 2, ci, 4co] (HWIO)."""
   ci, co = kernel.shape[2], kernel.shape[3]
-  return _cast(subpixel_kernel(kernel.astype(acc)), compute_dtype).reshape(2, 2, ci, 4 * co)
+  return cast_to(subpixel_kernel(kernel.astype(acc)), compute_dtype).reshape(2, 2, ci, 4 * co)
 
 
 def _upconv_fwd(x, kernel, compute_dtype):
   _, h, w, _ = x.shape
   co = kernel.shape[-1]
-  acc = _acc_dtype(x, kernel)
-  z = jax.lax.conv_general_dilated(_pad1(_cast(x, compute_dtype)),
+  acc = accumulation_dtype(x, kernel)
+  z = jax.lax.conv_general_dilated(_pad1(cast_to(x, compute_dtype)),
                                    _conv_kernel(kernel, acc, compute_dtype), (1, 1), "VALID",
                                    dimension_numbers=_DN, preferred_element_type=acc)
   y = _interleave(z, h, w, co).astype(jnp.promote_types(x.dtype, kernel.dtype))
@@ -142,8 +144,8 @@ def _upconv_bwd(compute_dtype, res, dy):
   x, kernel = res
   _, h, w, ci = x.shape
   co = kernel.shape[-1]
-  acc = _acc_dtype(x, kernel)
-  dz = _deinterleave(_cast(dy, compute_dtype), h, w, co)   # [B, H+1, W+1, 4co]
+  acc = accumulation_dtype(x, kernel)
+  dz = _deinterleave(cast_to(dy, compute_dtype), h, w, co)   # [B, H+1, W+1, 4co]
   w2 = _conv_kernel(kernel, acc, compute_dtype)             # [2, 2, ci, 4co]
   # Input gradient: 2x2 VALID conv of dZ with the flipped, transposed kernel.
   w2t = jnp.transpose(w2[::-1, ::-1], (0, 1, 3, 2))          # [2, 2, 4co, ci]
@@ -151,7 +153,7 @@ def _upconv_bwd(compute_dtype, res, dy):
                                     preferred_element_type=acc)
   # Kernel gradient: correlation of xp with dZ over batch and space (batch <-> feature
   # swapped), mapped back through the fold.
-  dw2 = jax.lax.conv_general_dilated(_pad1(_cast(x, compute_dtype)), dz, (1, 1), "VALID",
+  dw2 = jax.lax.conv_general_dilated(_pad1(cast_to(x, compute_dtype)), dz, (1, 1), "VALID",
                                      dimension_numbers=("CHWN", "IHWO", "HWNC"),
                                      preferred_element_type=acc)  # [2, 2, ci, 4co]
   dkernel = kernel_grad_from_subpixel(dw2.reshape(4 * ci, 4 * co), ci, co)
@@ -213,7 +215,7 @@ class UpConv(nn.Module):
   `upsample_nearest_2x` under the same name without changing the parameter tree.
   """
   features: int
-  dtype: Any = None  # GEMM input dtype (None = float32)
+  dtype: Any = None  # compute dtype of the conv inputs (None = float32)
   conv = staticmethod(upsample2x_conv3x3)  # a class attribute, not a module field
 
   @nn.compact
