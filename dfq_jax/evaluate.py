@@ -113,7 +113,8 @@ def _resolve_norm(mean: Any, std: Any) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(apply_fns: "ModelSpec | Sequence[ModelSpec]", images_uint8: np.ndarray,
              labels: np.ndarray, mean: Any, std: Any = None, batch_size: int = 200, *,
-             num_classes: int | None = None, names: Sequence[str] | None = None) -> EvalResults:
+             num_classes: int | None = None, names: Sequence[str] | None = None,
+             compiler_options: dict | None = None) -> EvalResults:
   """Evaluates classifiers on uint8 images.
 
   Args:
@@ -127,6 +128,7 @@ def evaluate(apply_fns: "ModelSpec | Sequence[ModelSpec]", images_uint8: np.ndar
     num_classes: C. Default: the models' logits width. Labels are checked against it, and
       every model must output C logits.
     names: model names for the summary (default model0, model1, ...).
+    compiler_options: XLA options of the jitted batch step (`dfq_jax.xla_options`).
   Returns:
     EvalResults.
   """
@@ -189,7 +191,7 @@ def evaluate(apply_fns: "ModelSpec | Sequence[ModelSpec]", images_uint8: np.ndar
     return jnp.stack(preds), jnp.stack(hits)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(step).trace(
+  compiled = jax.jit(step, compiler_options=compiler_options).trace(
       variables, jax.ShapeDtypeStruct((bsz,) + image_shape, jnp.uint8),
       jax.ShapeDtypeStruct((bsz,), jnp.int32)).lower().compile()
   num_classes, k = resolved["num_classes"], resolved["k"]
@@ -267,7 +269,8 @@ def combine_host_counts(counts: np.ndarray, names, num_classes: int, topk: int,
 
 
 def evaluate_across_hosts(apply_fns, images_uint8, labels, mean, std=None, batch_size=200, *,
-                          num_classes: int, names: Sequence[str]) -> EvalResults:
+                          num_classes: int, names: Sequence[str],
+                          compiler_options: dict | None = None) -> EvalResults:
   """`evaluate` sharded over the processes of a multi-host run, counts summed.
 
   Host p evaluates images[p::P] with host-local copies of the (replicated) variables;
@@ -277,7 +280,7 @@ def evaluate_across_hosts(apply_fns, images_uint8, labels, mean, std=None, batch
   count = jax.process_count()
   if count == 1:
     return evaluate(apply_fns, images_uint8, labels, mean, std, batch_size,
-                    num_classes=num_classes, names=names)
+                    num_classes=num_classes, names=names, compiler_options=compiler_options)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   def to_local(a):
@@ -289,7 +292,8 @@ def evaluate_across_hosts(apply_fns, images_uint8, labels, mean, std=None, batch
            (_split_model(s) for s in apply_fns)]
   index = jax.process_index()
   local = evaluate(specs, images_uint8[index::count], np.asarray(labels)[index::count], mean,
-                   std, batch_size, num_classes=num_classes, names=names)
+                   std, batch_size, num_classes=num_classes, names=names,
+                   compiler_options=compiler_options)
   gathered = multihost_utils.process_allgather(host_counts(local))
   return combine_host_counts(np.asarray(gathered), names, num_classes, local.topk,
                              local.seconds)

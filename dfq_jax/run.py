@@ -23,6 +23,7 @@ from dfq_jax import config_base
 from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import trainer
+from dfq_jax import xla_options
 from dfq_jax.evaluate import evaluate_across_hosts
 from dfq_jax.ptq import pipeline as ptq_pipeline
 
@@ -95,10 +96,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
   teacher_vars = experiment.load_teacher(config, workdir)
   models = experiment.build_models(config, teacher_vars)
   batch = config.data.eval_batch_size
+  eval_options = xla_options.compiler_options(config.cpu_conv_kernels)
 
   def eval_models(specs, names):
     return evaluate_across_hosts(specs, eval_set.images, eval_set.labels, norm.mean, norm.std,
-                                 batch, num_classes=config.num_classes, names=names)
+                                 batch, num_classes=config.num_classes, names=names,
+                                 compiler_options=eval_options)
 
   # The no-training floor: student with the teacher's weights, ranges calibrated.
   student_init = models.student.init(

@@ -212,3 +212,21 @@ def test_host_sharded_counts_combine_to_the_single_host_result():
   np.testing.assert_array_equal(combined.correct5, full.correct5)
   np.testing.assert_allclose(combined.agreement, full.agreement)
   np.testing.assert_allclose(combined.per_class_top1, full.per_class_top1)
+
+
+def test_compiler_options_are_accepted_and_keep_predictions():
+  """Evaluation jitted with the Eigen-convolution option gives the same predictions."""
+  from dfq_jax import xla_options
+  from dfq_jax.models import get_model
+  model = get_model("resnet8_cifar", num_classes=10)
+  images = np.asarray(jax.random.randint(jax.random.key(0), (24, 32, 32, 3), 0, 256),
+                      np.uint8)
+  labels = np.arange(24) % 10
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+  spec = (model.apply, variables)
+  options = xla_options.compiler_options("eigen")
+  assert options  # on this CPU the option is accepted
+  plain = evaluate(spec, images, labels, MEAN, STD, batch_size=8)
+  eigen = evaluate(spec, images, labels, MEAN, STD, batch_size=8, compiler_options=options)
+  np.testing.assert_array_equal(plain.predictions, eigen.predictions)
+  np.testing.assert_array_equal(plain.correct1, eigen.correct1)

@@ -29,6 +29,7 @@ from dfq_jax import config_base
 from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import run as run_lib
+from dfq_jax import xla_options
 from dfq_jax.evaluate import evaluate_across_hosts
 from dfq_jax.quant.numerics import OBSERVERS
 from dfq_jax.ptq import diagnostics, pipeline, synthesis
@@ -66,7 +67,9 @@ def ptq_grid(config, bits: list[str], out: str, *, observers=OBSERVERS, log=prin
   def top1(model, variables):
     r = evaluate_across_hosts([(model.apply, variables)], eval_set.images, eval_set.labels,
                               norm.mean, norm.std, config.data.eval_batch_size,
-                              num_classes=config.num_classes, names=["model"])
+                              num_classes=config.num_classes, names=["model"],
+                              compiler_options=xla_options.compiler_options(
+                                  config.cpu_conv_kernels))
     return 100 * float(r.top1[0])
 
   table = {"fp_top1": runs["dsg"]["fp_top1"], "eval_images": len(eval_set),
