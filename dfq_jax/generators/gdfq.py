@@ -12,7 +12,7 @@ CIFAR form (`GeneratorCifar`), latent d, image S, init size S/4:
 ImageNet form (`GeneratorImagenet`): no label embedding on z; the BNs are class-
 conditional (CCBN: affine-free BN, then per-class scale/shift from embeddings).
 
-By default (`conv_impl='subpixel'`) the convolutions run in exact GEMM forms with
+By default (`conv_impl='subpixel'`) the convolutions run in exact rewritten forms with
 hand-written backwards: the two upsample+conv pairs as one 2x2 conv at low resolution
 (`subpixel.py`), the image conv (64 -> 3 channels) as a tap GEMM (`narrow_conv.py`).
 On a 2-core CPU the CIFAR generator's jitted forward+backward is then 1.8-1.9x faster than
