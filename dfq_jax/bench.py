@@ -92,7 +92,7 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
                                      setup.step_fn)
 
   t0 = time.perf_counter()
-  compiled = step.lower(state, teacher, constants, True).compile()
+  compiled = step.lower(state, teacher, constants, True, False).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

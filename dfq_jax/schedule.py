@@ -28,6 +28,10 @@ class Timeline:
   generator_milestones: tuple[int, ...]
   student_milestones: tuple[int, ...]
 
+  def phase(self, step: int) -> tuple[bool, bool]:
+    """(train_student, update_ranges) of iteration `step` (0-based), the step's static args."""
+    return step >= self.warmup_steps, step < self.range_freeze_step
+
   @classmethod
   def from_config(cls, config) -> "Timeline":
     paper_steps = config.epochs * config.iters_per_epoch

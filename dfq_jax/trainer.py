@@ -7,7 +7,9 @@ Each iteration, inside ONE jitted function over explicit pytrees (state donated)
   student step                  on the SAME batch, detached: method.student_loss ->
                                 SGD-Nesterov on the student (skipped during warm-up)
 Activation ranges of the student update in every student forward while
-step < range_freeze_step, then stay frozen.
+step < range_freeze_step (`update_ranges`, a static argument of the step); after that the
+student's forward quantizes with exactly the stored ranges, the same quantizer that
+evaluation uses and that is shipped (no update is computed and thrown away).
 
 Data parallel: the batch is split over the `data` axis of a device mesh (all devices of
 all hosts). stats_scope='global' (default) computes BN statistics, losses and activation
@@ -16,11 +18,12 @@ count); 'per_device' computes them on each device's shard (the PyTorch single-GP
 semantics) with `jax.shard_map`, averaging losses and synchronising ranges (pmin/pmax). Methods differ only in their pure loss
 functions (dfq_jax/methods/*).
 
-AdaDFQ's generator loss needs the student's logits on the same images: by default one
-student forward serves both steps through `jax.vjp` (config.student_forward='shared',
-one activation-range update per iteration); 'separate' (and parity) runs the original
-code's two forwards (two range updates per iteration). After the ranges freeze the two
-give the same result (tested).
+AdaDFQ's generator loss needs the student's logits on the same images. While the ranges
+update, the step runs the original code's two student forwards (two range updates per
+iteration, methods.md §2.3), so every mode calibrates its ranges as the original does;
+once they freeze, by default one student forward serves both steps through `jax.vjp`
+(config.student_forward='shared'), which then gives the same result as two forwards
+(tested). 'separate' (and parity) keep two forwards throughout.
 
 SIGTERM (TPU preemption, SLURM) makes the loop write a checkpoint after the current step
 and stop with `Preempted`; the same command resumes. The student with the best
@@ -100,13 +103,14 @@ def sample_latents(key: jax.Array, batch: int, latent_dim: int, num_classes: int
           jax.random.randint(ky, (batch,), 0, num_classes, jnp.int32))
 
 
-def _select(pred, new, old):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
-
-
 def make_train_step(config, models: Models, method, timeline: schedule_lib.Timeline,
                     mesh: jax.sharding.Mesh) -> Callable[..., Any]:
-  """Returns `step(state, teacher_vars, constants, train_student: static) -> (state, metrics)`."""
+  """Returns `step(state, teacher_vars, constants, train_student, update_ranges)`.
+
+  `train_student` and `update_ranges` are static (`timeline.phase(step)` gives both), so
+  each phase of a run compiles once and a frozen-range step contains no range update.
+  The step returns `(new_state, metrics)`.
+  """
   gen_tx, stu_tx = _optimizers(config)
   batch = config.batch_size
   data_sharding = NamedSharding(mesh, P("data"))
@@ -116,7 +120,7 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
     return {"params": params, "batch_stats": st["batch_stats"], "quant_stats": quant_stats}
 
   per_device = config.stats_scope == "per_device"
-  shared_student_forward = (method.USES_STUDENT_IN_GENERATOR_LOSS and not per_device
+  shared_forward_allowed = (method.USES_STUDENT_IN_GENERATOR_LOSS and not per_device
                             and not config.parity and config.student_forward == "shared")
 
   def per_device_map(fn, in_specs, out_specs):
@@ -132,21 +136,23 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
   def mean_over_devices(tree):
     return jax.tree.map(lambda v: jax.lax.pmean(v, "data"), tree) if per_device else tree
 
-  def step_fn(state, teacher_vars, constants, train_student):
+  def step_fn(state, teacher_vars, constants, train_student, update_ranges):
     step = state["step"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_latent, k_loss = jax.random.split(key)
     z, labels = sample_latents(k_latent, batch, models.latent_dim, models.num_classes)
     z = jax.lax.with_sharding_constraint(z, data_sharding)
     labels = jax.lax.with_sharding_constraint(labels, data_sharding)
-    update_ranges = step < timeline.range_freeze_step
     st = state["student"]
+    shared_student_forward = shared_forward_allowed and not update_ranges
 
     def student_forward(params, quant_stats, images):
-      logits, upd = models.student.apply(student_vars(st, params, quant_stats), images,
-                                         mutable=["quant_stats"])
-      new_qs = _select(update_ranges, upd["quant_stats"], quant_stats)
-      return logits, new_qs
+      """Student logits and its ranges after this forward (updated only in the range phase)."""
+      variables = student_vars(st, params, quant_stats)
+      if not update_ranges:
+        return models.student.apply(variables, images), quant_stats
+      logits, upd = models.student.apply(variables, images, mutable=["quant_stats"])
+      return logits, upd["quant_stats"]
 
     lr_g = schedule_lib.multistep_lr(config.generator.lr, step, timeline.generator_milestones)
     lr_q = schedule_lib.multistep_lr(config.student.lr, step, timeline.student_milestones)
@@ -256,7 +262,7 @@ def make_train_step(config, models: Models, method, timeline: schedule_lib.Timel
     return new_state, metrics
 
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, static_argnums=(3,), donate_argnums=(0,),
+  return jax.jit(step_fn, static_argnums=(3, 4), donate_argnums=(0,),
                  out_shardings=(replicated, replicated),
                  compiler_options=xla_options.compiler_options(config.cpu_conv_kernels))
 
@@ -425,8 +431,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
   sigterm = _SigtermFlag().__enter__()
   try:
     for step in range(start, timeline.total_steps):
-      train_student = step >= timeline.warmup_steps
-      state, metrics = step_fn(state, teacher_vars, constants, train_student)
+      state, metrics = step_fn(state, teacher_vars, constants, *timeline.phase(step))
       done = step + 1
       if done % config.log_every_steps == 0 or done == timeline.total_steps:
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}

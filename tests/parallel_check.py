@@ -35,7 +35,7 @@ def setup(teacher_dir, method, devices, **overrides):
 def run_steps(step, state, teacher, constants, n, start=0):
   history = []
   for i in range(start, start + n):
-    state, metrics = step(state, teacher, constants, i >= 2)
+    state, metrics = step(state, teacher, constants, i >= 2, i < 2)
     history.append(jax.device_get(metrics))
   return state, history
 

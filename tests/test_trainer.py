@@ -193,13 +193,13 @@ def test_shared_student_forward_equals_two_forwards_once_ranges_freeze(tiny_teac
   sep = setups["separate"]
   state = sep.state
   for _ in range(2):   # warm-up and range updates (min_phase_steps=2)
-    state, _ = sep.step_fn(state, sep.teacher_vars, sep.constants, False)
+    state, _ = sep.step_fn(state, sep.teacher_vars, sep.constants, False, True)
   start = jax.device_get(state)
   out = {}
   for mode, setup in setups.items():
     s = jax.device_put(start)
     for _ in range(3):
-      s, metrics = setup.step_fn(s, setup.teacher_vars, setup.constants, True)
+      s, metrics = setup.step_fn(s, setup.teacher_vars, setup.constants, True, False)
     out[mode] = (jax.device_get(s), jax.device_get(metrics))
   (s_sep, m_sep), (s_sh, m_sh) = out["separate"], out["shared"]
   for key in m_sep:
@@ -207,3 +207,64 @@ def test_shared_student_forward_equals_two_forwards_once_ranges_freeze(tiny_teac
   for a, b in zip(jax.tree.leaves(s_sep["student"]), jax.tree.leaves(s_sh["student"])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   assert int(s_sh["step"]) == 5
+
+
+@pytest.mark.parametrize("method", ["gdfq", "adadfq"])
+def test_frozen_ranges_train_the_quantizer_that_is_evaluated(tiny_teacher_dir, method):
+  """After the freeze, the training step's student forward is the evaluation forward.
+
+  The student loss the step reports is recomputed from the evaluation path (the student
+  applied with its stored, immutable ranges) on the same generated images; before the
+  fix the step quantized with a batch-updated range and the loss differed by ~1 %.
+  """
+  from dfq_jax import experiment
+  from dfq_jax.methods import get_method
+  # Plain EMA ranges: after only 2 range steps the bias-corrected EMA still overshoots so
+  # far that every activation quantizes to 0 and the logits do not depend on the range.
+  config = tiny_config(tiny_teacher_dir, method, **{"quant.range_mode": "ema"})
+  models = experiment.build_models(config, experiment.load_teacher(config))
+  setup = trainer.setup_training(config, models)
+  state = setup.state
+  for i in range(2):   # warm-up and range updates (min_phase_steps=2)
+    assert setup.timeline.phase(i) == (False, True)
+    state, _ = setup.step_fn(state, setup.teacher_vars, setup.constants, False, True)
+  assert setup.timeline.phase(2) == (True, False)
+  before = jax.device_get(state)
+  state, metrics = setup.step_fn(state, setup.teacher_vars, setup.constants, True, False)
+  after = jax.device_get(state)
+  # The stored ranges did not move.
+  for a, b in zip(jax.tree.leaves(before["student"]["quant_stats"]),
+                  jax.tree.leaves(after["student"]["quant_stats"])):
+    np.testing.assert_array_equal(a, b)
+  # The same z, labels and images as the step drew (trainer.step_fn's key schedule).
+  key = jax.random.fold_in(jax.random.wrap_key_data(before["rng"]), 2)
+  z, labels = trainer.sample_latents(jax.random.split(key)[0], config.batch_size,
+                                     models.latent_dim, models.num_classes)
+  images = models.generator.apply({"params": before["gen"]["params"]}, z, labels)
+  t_logits = models.teacher.apply(models.teacher_vars, images)
+  student_vars = {k: before["student"][k] for k in ("params", "batch_stats", "quant_stats")}
+  s_logits = jax.jit(models.student.apply)(student_vars, images)   # = evaluation
+  method_mod = get_method(method)
+  loss, _ = method_mod.student_loss(method_mod.hparams(config), student_logits=s_logits,
+                                    teacher_logits=t_logits, labels=labels)
+  np.testing.assert_allclose(float(metrics["student/loss"]), float(loss), rtol=2e-6)
+  # A forward with mutable ranges (what the buggy step ran) gives other logits here.
+  mutated, _ = models.student.apply(student_vars, images, mutable=["quant_stats"])
+  assert np.abs(np.asarray(mutated) - np.asarray(s_logits)).max() > 1e-3
+
+
+def test_quant_act_frozen_range_quantizes_with_the_stored_range():
+  """methods.md §2.3: frozen = quantize with the stored range; nothing of the batch enters."""
+  import jax.numpy as jnp
+  from dfq_jax.quant.layers import QuantAct, QuantPolicy
+  act = QuantAct(QuantPolicy(w_bits=4, a_bits=4))
+  x = jnp.linspace(0.0, 2.0, 64)
+  stats = {"quant_stats": {"x_min": jnp.float32(0.0), "x_max": jnp.float32(1.0),
+                           "beta_t": jnp.float32(0.5)}}
+  frozen = act.apply(stats, x)
+  assert float(frozen.max()) == pytest.approx(1.0, abs=1e-6)
+  updating, upd = act.apply(stats, x, mutable=["quant_stats"])
+  # The range phase: one update of the bias-corrected EMA, then quantize with it.
+  expected_max = (1.0 * np.float32(0.9) + 2.0 * (1 - np.float32(0.9))) / (1 - 0.5 * np.float32(0.9))
+  np.testing.assert_allclose(float(upd["quant_stats"]["x_max"]), expected_max, rtol=1e-6)
+  assert float(updating.max()) == pytest.approx(expected_max, rel=1e-5)

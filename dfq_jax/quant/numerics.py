@@ -120,14 +120,18 @@ def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
     The new (x_min, x_max, beta_t).
   """
   first = beta_t >= 1.0
+  # The constants in float32, as the original's float32 `beta` buffer gives them:
+  # 1 - float32(0.9) = 0.100000024, not 0.1.
+  decay = jnp.asarray(decay, jnp.float32)
+  batch_weight = jnp.float32(1.0) - decay
   new_beta_t = beta_t * decay
   if mode == "parity":
     corr = 1.0 - new_beta_t
-    lo = (decay * x_min + (1.0 - decay) * batch_min) / corr
-    hi = (decay * x_max + (1.0 - decay) * batch_max) / corr
+    lo = (x_min * decay + batch_min * batch_weight) / corr
+    hi = (x_max * decay + batch_max * batch_weight) / corr
   elif mode == "ema":
-    lo = jnp.where(first, batch_min, decay * x_min + (1.0 - decay) * batch_min)
-    hi = jnp.where(first, batch_max, decay * x_max + (1.0 - decay) * batch_max)
+    lo = jnp.where(first, batch_min, x_min * decay + batch_min * batch_weight)
+    hi = jnp.where(first, batch_max, x_max * decay + batch_max * batch_weight)
   elif mode == "minmax":
     lo = jnp.where(first, batch_min, jnp.minimum(x_min, batch_min))
     hi = jnp.where(first, batch_max, jnp.maximum(x_max, batch_max))

@@ -145,8 +145,9 @@ class QuantAct(nn.Module):
   def __init__(self, bits: int, beta: float = 0.9):
     super().__init__()
     self.bits = bits
-    self.beta = beta
     self.running_stat = True
+    # A float32 buffer as in the original: (1 - beta) is then 0.100000024, not 0.1.
+    self.register_buffer("beta", torch.tensor(beta, dtype=torch.float32))
     self.register_buffer("x_min", torch.zeros(()))
     self.register_buffer("x_max", torch.zeros(()))
     self.register_buffer("beta_t", torch.ones(()))
@@ -183,22 +184,23 @@ class Generator(nn.Module):
   """GDFQ's CIFAR generator (methods.md §2.2), torch default init, used in train mode."""
 
   def __init__(self, num_classes: int = NUM_CLASSES, latent: int = LATENT, image_size: int = 32,
-               channels: int = 3, channels_last: bool = False):
+               channels: int = 3, channels_last: bool = False, width: int = 128):
     super().__init__()
     self.s0 = image_size // 4
+    self.width = width
     self.channels_last = channels_last
     self.embed = nn.Embedding(num_classes, latent)
-    self.fc = nn.Linear(latent, 128 * self.s0 * self.s0)
-    self.bn0 = nn.BatchNorm2d(128)
-    self.conv1 = nn.Conv2d(128, 128, 3, padding=1)
-    self.bn1 = nn.BatchNorm2d(128, eps=0.8)  # the positional "0.8" of the original is eps
-    self.conv2 = nn.Conv2d(128, 64, 3, padding=1)
-    self.bn2 = nn.BatchNorm2d(64, eps=0.8)
-    self.conv3 = nn.Conv2d(64, channels, 3, padding=1)
+    self.fc = nn.Linear(latent, width * self.s0 * self.s0)
+    self.bn0 = nn.BatchNorm2d(width)
+    self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+    self.bn1 = nn.BatchNorm2d(width, eps=0.8)  # the positional "0.8" of the original is eps
+    self.conv2 = nn.Conv2d(width, width // 2, 3, padding=1)
+    self.bn2 = nn.BatchNorm2d(width // 2, eps=0.8)
+    self.conv3 = nn.Conv2d(width // 2, channels, 3, padding=1)
     self.bn_out = nn.BatchNorm2d(channels, affine=False)
 
   def forward(self, z, y):
-    h = self.fc(self.embed(y) * z).view(z.shape[0], 128, self.s0, self.s0)
+    h = self.fc(self.embed(y) * z).view(z.shape[0], self.width, self.s0, self.s0)
     if self.channels_last:
       h = h.contiguous(memory_format=torch.channels_last)
     h = self.bn0(h)
@@ -230,16 +232,19 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-  """CIFAR ResNet-20, akamaster layout: widths 16/32/64, 3 x 3 blocks, 19 BN layers."""
+  """CIFAR ResNet-20, akamaster layout: widths 16/32/64, 3 x 3 blocks, 19 BN layers.
 
-  def __init__(self, num_classes: int = NUM_CLASSES):
+  `depth` = 6n + 2 gives n blocks per stage (8: one block, as the demo's ResNet-8).
+  """
+
+  def __init__(self, num_classes: int = NUM_CLASSES, depth: int = 20):
     super().__init__()
     self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(16)
     self.relu = nn.ReLU()
     blocks, in_planes = [], 16
     for stage, planes in enumerate((16, 32, 64)):
-      for i in range(3):
+      for i in range((depth - 2) // 6):
         blocks.append(BasicBlock(in_planes, planes, 2 if (stage and i == 0) else 1))
         in_planes = planes
     self.blocks = nn.Sequential(*blocks)
