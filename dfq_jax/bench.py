@@ -20,6 +20,10 @@ synthesises the ZeroQ and DSG sets once and tables top-1 for every bit-width x c
 set (ZeroQ, DSG, real train images, noise) x observer (dfq_jax/ptq/grid.py): ptq_grid.md/json,
 diversity.png/md.
 
+  python -m dfq_jax.bench curves --runs DIR1,DIR2 [--labels A,B] --out curves.png
+draws top-1 against iterations of training runs (their metrics.jsonl), the FP level and
+each run's no-training floor marked (dfq_jax/curves.py); no --config needed.
+
   python -m dfq_jax.bench compare --config configs/cifar10_resnet20.py:adadfq,w4a4 \
       [--batch 16] [--steps 10] [--warmup 3] [--rounds 3] [--torch_python PYTHON] \
       [--peak_gflops 209] [--config.x=y ...]
@@ -57,6 +61,8 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "accuracy: seeds 0..K-1 per cell.")
 _OUT = flags.DEFINE_string("out", "runs/grid", "accuracy, ptq: output directory.")
 _OBSERVERS = flags.DEFINE_list("observers", ["minmax", "sample_mean", "percentile", "mse"],
                                "ptq: activation-range observers (calib.method values).")
+_RUNS = flags.DEFINE_list("runs", [], "curves: workdirs of training runs.")
+_LABELS = flags.DEFINE_list("labels", [], "curves: one label per run (default: dir name).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
 _TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable,
                                     "compare: Python executable that has torch installed.")
@@ -279,10 +285,27 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
   }
 
 
+def curves(runs: list[str], labels: list[str], out: str) -> list:
+  """Reads every run's evaluations and writes the PNG `out`; returns the curves."""
+  from dfq_jax import curves as curves_lib  # pylint: disable=g-import-not-at-top
+  if not runs:
+    raise app.UsageError("curves needs --runs DIR[,DIR...] (training workdirs).")
+  if labels and len(labels) != len(runs):
+    raise app.UsageError(f"--labels has {len(labels)} names for {len(runs)} runs.")
+  found = [curves_lib.read_curve(r, labels[i] if labels else None) for i, r in enumerate(runs)]
+  curves_lib.plot_curves(found, out)
+  return found
+
+
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq"):
+  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "curves"):
     raise app.UsageError(
-        "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq --config FILE[:args] ...")
+        "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|curves --config FILE[:args] ...")
+  if argv[1] == "curves":
+    for c in curves(_RUNS.value, _LABELS.value, _OUT.value):
+      print(json.dumps({"run": c.label, "steps": c.steps, "top1": c.top1, "fp_top1": c.fp_top1,
+                        "floor_top1": c.floor_top1}))
+    return
   config = _CONFIG.value
   if config is None:
     raise app.UsageError("--config is required, e.g. configs/cifar10_resnet20.py:adadfq,w4a4")

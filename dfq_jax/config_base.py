@@ -128,7 +128,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.min_phase_steps = 200         # floor on warm-up and range updates in shortened runs
 
   c.log_every_steps = 50
-  c.eval_every_steps = 1000       # evaluation of the student on the real eval set
+  c.eval_every_steps = 1000       # evaluation of the student on the real eval set (parity:
+                                  # every iters_per_epoch, as the original, which reports
+                                  # the best epoch)
   c.ckpt_every_steps = 500
   c.sample_every_steps = 1000     # PNG grids of generated samples (0 = never)
   c.keep_checkpoints = 3

@@ -27,6 +27,7 @@ class Timeline:
   range_freeze_step: int     # activation ranges update while step < range_freeze_step
   generator_milestones: tuple[int, ...]
   student_milestones: tuple[int, ...]
+  eval_every_steps: int      # evaluation cadence: every epoch of the original in parity
 
   def phase(self, step: int) -> tuple[bool, bool]:
     """(train_student, update_ranges) of iteration `step` (0-based), the step's static args."""
@@ -49,7 +50,11 @@ class Timeline:
                warmup_steps=phase(config.warmup_epochs),
                range_freeze_step=phase(config.range_update_epochs),
                generator_milestones=tuple(at(e) for e in config.generator.milestones),
-               student_milestones=tuple(at(e) for e in config.student.milestones))
+               student_milestones=tuple(at(e) for e in config.student.milestones),
+               # The original evaluates after every epoch (iters_per_epoch = 200
+               # iterations) and reports the best: parity selects `best_top1` the same way.
+               eval_every_steps=int(config.iters_per_epoch if config.parity
+                                    else config.eval_every_steps))
 
 
 def multistep_lr(base: float, step, milestones, factor: float = 0.1):

@@ -449,7 +449,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
                                       columns=models.num_classes)
         metrics_lib.save_png(os.path.join(samples_dir, f"step_{done:07d}.png"), grid,
                              upscale=max(1, 64 // models.image_shape[0]))
-      if done % config.eval_every_steps == 0 or done == timeline.total_steps:
+      if done % timeline.eval_every_steps == 0 or done == timeline.total_steps:
         top1 = evaluate_student(student_vars(state["student"]))
         last_eval = (done, top1)
         if top1 > float(state["best_top1"]):

@@ -45,25 +45,56 @@ def assert_trees_close(a, b, rtol, atol, what):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=what)
 
 
+def assert_scaled_close(a, b, rtol, what, per_leaf=True):
+  """max |a - b| <= rtol * max |b| per leaf (or over the whole tree: `per_leaf=False`)."""
+  pairs = [(jax.tree_util.keystr(path), np.asarray(x, np.float64), np.asarray(y, np.float64))
+           for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
+                                   jax.tree.leaves(b))]
+  tree_scale = max(np.abs(y).max() for _, _, y in pairs)
+  for name, x, y in pairs:
+    scale = np.abs(y).max() if per_leaf else tree_scale
+    err = np.abs(x - y).max() / max(scale, 1e-30)
+    assert err <= rtol, f"{what} {name}: {err:.2e} > {rtol}"
+
+
 def check_global(teacher_dir):
+  """Each step on 8 devices equals the same step on 1 device, from the same state.
+
+  The steps start from a common state (the 1-device one) rather than running two
+  trajectories: Adam's first update is lr * g / |g| for every element, so an element
+  whose true gradient is at the float-noise level (the biases before a train-mode BN, a
+  few kernel entries) moves by +-lr with a sign set by the reduction order, and the two
+  trajectories then differ by design (measured: 11 of 30,000 generator entries by 2e-3
+  after one step; the next step's losses by 5e-4). What must agree is what one step
+  computes: the losses, the gradients (Adam's first moment, the student's momentum) and
+  the student's parameters (SGD is linear in the gradient).
+  The per-step check found no reduction-order error in the sharded step: from a common
+  state the losses agree to 2e-6, the student to 1e-7.
+  """
   for method in ("gdfq", "adadfq"):
-    outs = []
-    for devices in (1, 8):
-      *_, step, state, teacher, constants = setup(teacher_dir, method, devices)
-      state, history = run_steps(step, state, teacher, constants, 3)
-      outs.append((jax.device_get(state), history))
-    (s1, h1), (s8, h8) = outs
-    for m1, m8 in zip(h1, h8):
-      assert_trees_close(m1, m8, 2e-4, 2e-5, f"{method} metrics 1 vs 8 devices")
-    # Biases of the layers followed by a train-mode BN have an exactly zero true gradient;
-    # Adam rescales their float noise to +-lr steps, which differ with the reduction
-    # order. Every other generator parameter must agree.
-    g1, g8 = (dict(s["gen"]["params"]) for s in (s1, s8))
-    for layer in ("l1", "conv1", "conv2"):
-      g1[layer] = {k: v for k, v in g1[layer].items() if k != "bias"}
-      g8[layer] = {k: v for k, v in g8[layer].items() if k != "bias"}
-    assert_trees_close(g1, g8, 1e-3, 1e-5, "generator")
-    assert_trees_close(s1["student"], s8["student"], 1e-3, 1e-5, "student")
+    one, eight = (setup(teacher_dir, method, devices) for devices in (1, 8))
+    *_, step1, state1, teacher1, constants1 = one
+    mesh8, step8, _, teacher8, constants8 = eight[2:]
+    replicated8 = jax.sharding.NamedSharding(mesh8, jax.sharding.PartitionSpec())
+    for i in range(3):
+      start = jax.device_get(state1)
+      state8 = jax.device_put(start, replicated8)
+      state1, m1 = step1(state1, teacher1, constants1, i >= 2, i < 2)
+      state8, m8 = step8(state8, teacher8, constants8, i >= 2, i < 2)
+      assert_trees_close(jax.device_get(m1), jax.device_get(m8), 2e-5, 1e-6,
+                         f"{method} step {i} metrics 1 vs 8 devices")
+      s1, s8 = jax.device_get(state1), jax.device_get(state8)
+      mu1, mu8 = s1["gen"]["opt"].mu, s8["gen"]["opt"].mu
+      # The generator's gradient as a whole (relative l2): a (leaky) ReLU whose input is
+      # within float noise of 0 takes the other slope in the other reduction order, which
+      # moves the whole gradient by ~1e-3 (measured, conv2 kernel: 2.3e-3 of 1.4; the same
+      # flip appears between 1 device with and without YNNPACK). A missing or doubled
+      # reduction over devices would be off by O(1).
+      g1 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu1)])
+      g8 = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu8)])
+      rel = np.linalg.norm(g8 - g1) / np.linalg.norm(g1)
+      assert rel < 1e-2, f"{method} step {i} generator gradient 1 vs 8 devices: {rel:.2e}"
+      assert_scaled_close(s8["student"], s1["student"], 1e-5, f"{method} step {i} student")
   print("global OK")
 
 

@@ -57,3 +57,32 @@ def test_accuracy_grid_reads_finished_cells_back(tiny_teacher_dir, tmp_path, mon
                       sample_every_steps=0, **{"student.lr": 0.5})
   with pytest.raises(run_lib.WorkdirConflictError):
     bench.accuracy(other, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
+
+
+def test_curves_draws_top1_against_iterations(tmp_path):
+  from PIL import Image
+  runs = []
+  for name, values in (("a", [50.0, 60.5]), ("b", [40.0, 45.0, 70.25])):
+    d = tmp_path / name
+    d.mkdir()
+    rows = [{"step": 500 * (i + 1), "eval/top1": v} for i, v in enumerate(values)]
+    rows.insert(1, {"step": 600, "generator/loss": 1.0})          # a training row: ignored
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    runs.append(str(d))
+  (tmp_path / "a" / "results.json").write_text(json.dumps({"fp_top1": 81.03,
+                                                           "quant_top1_before": 31.2}))
+  out = tmp_path / "plot" / "curves.png"
+  proc = subprocess.run([sys.executable, "-m", "dfq_jax.bench", "curves",
+                         f"--runs={','.join(runs)}", "--labels=A,B", f"--out={out}"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+  assert rows[0] == {"run": "A", "steps": [500, 1000], "top1": [50.0, 60.5],
+                     "fp_top1": 81.03, "floor_top1": 31.2}
+  assert rows[1]["steps"] == [500, 1000, 1500] and rows[1]["fp_top1"] is None
+  with Image.open(out) as img:
+    assert img.size == (800, 480)
+  bad = subprocess.run([sys.executable, "-m", "dfq_jax.bench", "curves", f"--runs={runs[0]}",
+                        "--labels=A,B", f"--out={out}"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+  assert bad.returncode != 0 and "--labels has 2 names for 1 runs" in bad.stderr

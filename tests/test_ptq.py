@@ -275,6 +275,9 @@ def test_ptq_configs_apply_the_code_presets():
   dsg = load_config("cifar10_resnet20.py", "dsg_ptq,w6a6")
   assert zeroq.ptq.objective == "zeroq_ptq" and not zeroq.ptq.slack and zeroq.ptq.lr == 0.5
   assert zeroq.ptq.ce_weight == 0 and zeroq.ptq.lse == "off" and zeroq.calib.method == "minmax"
+  # ZeroQ's code: one batch of 32 (uniform_test.py) started near zero (UniformDataset).
+  assert zeroq.ptq.batch_size == 32 and zeroq.ptq.init == "zeroq"
+  assert dsg.ptq.batch_size == 64 and dsg.ptq.init == "uniform"
   assert dsg.ptq.objective == "dsg_ptq" and dsg.ptq.slack and dsg.ptq.lr == 0.9
   assert dsg.ptq.ce_weight == 2.0 and dsg.quant.w_bits == 6 and dsg.calib.method == "sample_mean"
   for name in ("imagenet_resnet18.py", "imagenet_resnet50.py", "imagenet_mobilenetv2.py"):
@@ -311,3 +314,14 @@ def test_ptq_grid_tables_every_set_and_observer(tiny_teacher_dir, tmp_path):
   assert "| W4A4 | DSG samples |" in md and "**" in md
   assert os.path.getsize(tmp_path / "diversity.png") > 0
   assert "zeroq" in (tmp_path / "diversity.md").read_text()
+
+
+def test_zeroq_initial_images_are_the_codes_255_levels_near_zero():
+  hp = synthesis.PtqHparams(**synthesis.PRESETS["zeroq_ptq"])
+  x = np.asarray(synthesis.initial_images(hp, jax.random.key(0), (32, 32, 3)))
+  assert x.shape == (32, 32, 32, 3)
+  levels = x * 5418.75 + 127.5        # (randint(0, 255) - 127.5) / 5418.75
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+  assert levels.min() >= -1e-3 and levels.max() <= 254 + 1e-3
+  assert -0.0236 < x.min() < -0.0230 and 0.0230 < x.max() < 0.0236
+  assert abs(x.mean()) < 1e-3   # U(-0.0235, 0.0235): the code's "mean 0" (var ~1.8e-4)

@@ -34,3 +34,19 @@ def test_shortened_timeline_scales_milestones_and_floors_phases():
   assert t.warmup_steps == 40 and t.range_freeze_step == 40
   c.total_steps, c.min_phase_steps = 100, 200
   assert schedule.Timeline.from_config(c).warmup_steps == 100  # never past the end
+
+
+def test_phase_and_evaluation_cadence():
+  c = config_base.base_config()
+  c.total_steps = 2000
+  t = schedule.Timeline.from_config(c)
+  # (train_student, update_ranges): warm-up and range phase are the first 200 iterations.
+  assert t.phase(0) == (False, True) and t.phase(199) == (False, True)
+  assert t.phase(200) == (True, False) and t.phase(1999) == (True, False)
+  assert t.eval_every_steps == 1000
+  # Parity evaluates after every epoch of the original (200 iterations), as its code does
+  # before it reports the best epoch.
+  c.parity = True
+  assert schedule.Timeline.from_config(c).eval_every_steps == 200
+  c.range_update_epochs = 400       # ranges that keep adapting through the whole run
+  assert schedule.Timeline.from_config(c).phase(1999) == (True, True)

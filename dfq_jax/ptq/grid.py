@@ -49,8 +49,14 @@ def ptq_grid(config, bits: list[str], out: str, *, observers=OBSERVERS, log=prin
   """Runs the grid of the module docstring; returns the table as a dict."""
   os.makedirs(out, exist_ok=True)
   sets, runs = {}, {}
+  # Both synthetic sets get the size of `config.ptq.batch_size` (64 unless overridden), so
+  # the calibration sets compare at equal size; a `zeroq_ptq` run on its own synthesises
+  # the ZeroQ code's 32.
+  set_size = int(config.ptq.batch_size)
   for method, name in (("zeroq_ptq", "zeroq"), ("dsg_ptq", "dsg")):
     c = _with(config, [method, bits[0]])
+    with c.unlocked():
+      c.ptq.batch_size = set_size
     workdir = os.path.join(out, method)
     runs[name] = run_lib.run(c, workdir, log=log)
     sets[name], _ = synthesis.load_samples(os.path.join(workdir, pipeline.SAMPLES_FILE),

@@ -40,13 +40,17 @@ from dfq_jax.models.layers import BN_STATS, BatchNorm
 
 LSE_MODES = ("off", "ptq", "modulo")
 SCI_MODES = ("off", "differentiable", "logged")
-INITS = ("uniform", "normal")
+INITS = ("uniform", "normal", "zeroq")
+# ZeroQ's UniformDataset: (randint(0, 255) - 127.5) / 5418.75, i.e. 255 levels in
+# [-0.0235, 0.0235] (5418.75 = (127 + 128)^2 / 12, the variance of U(-128, 127)).
+ZEROQ_INIT_LEVELS, ZEROQ_INIT_OFFSET, ZEROQ_INIT_SCALE = 255, 127.5, 5418.75
 
 # The original codes' settings (ZeroQ `distill_data.py`; DSG `post_training_quantization/
 # distill_data.py`). Applied by the ':zeroq_ptq' / ':dsg_ptq' config argument.
 PRESETS = {
     "zeroq_ptq": dict(lr=0.5, plateau_patience=100, slack=False, lse="off", sci="off",
-                      ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0),
+                      ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0,
+                      batch_size=32, init="zeroq"),
     "dsg_ptq": dict(lr=0.9, plateau_patience=260, slack=True, lse="ptq", sci="logged",
                     ce_weight=2.0, tv_weight=0.01, l2_weight=0.01, jitter=30),
 }
@@ -60,7 +64,8 @@ class PtqHparams:
     steps: optimisation steps per batch (500 in both codes).
     lr, plateau_patience, min_lr: Adam learning rate and ReduceLROnPlateau settings.
     batch_size, batches: images per optimised batch, and how many batches.
-    init: 'uniform' (U[0, 1), the codes' torch.rand) or 'normal' (N(0, 1)).
+    init: 'uniform' (U[0, 1), the DSG code's torch.rand), 'zeroq' (the ZeroQ code's
+      255 levels in [-0.0235, 0.0235]) or 'normal' (N(0, 1)).
     slack: DSG slack alignment with per-layer margins; False = ZeroQ (no margin).
     margin_percentile: ε of the margins (percentile of the initial batch's gaps).
     lse: 'off', 'ptq' (code: sample b = layer l < 20 gets x2 on its residual) or
@@ -118,10 +123,13 @@ class PtqHparams:
 
 
 def initial_images(hp: PtqHparams, key: jax.Array, image_shape) -> jax.Array:
-  """The starting batch [B, H, W, C]: U[0, 1) (the codes) or N(0, 1)."""
+  """The starting batch [B, H, W, C]: U[0, 1) (DSG), ZeroQ's near-zero levels or N(0, 1)."""
   shape = (hp.batch_size, *image_shape)
   if hp.init == "uniform":
     return jax.random.uniform(key, shape, jnp.float32)
+  if hp.init == "zeroq":
+    levels = jax.random.randint(key, shape, 0, ZEROQ_INIT_LEVELS).astype(jnp.float32)
+    return (levels - ZEROQ_INIT_OFFSET) / ZEROQ_INIT_SCALE
   return jax.random.normal(key, shape, jnp.float32)
 
 
