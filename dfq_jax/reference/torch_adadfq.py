@@ -21,8 +21,10 @@ layout with torch's default initialisation:
   L_G = h + beta (alpha_ds L_ds + alpha_as L_as) + gamma L_BNS;  Adam step on G only
   q' = Q(x.detach());  L_Q = -T^2 mean_b H(softmax((t.detach() - q') / T)), T = 20
   SGD (Nesterov, momentum 0.9, weight decay 1e-4) step on Q
-Two student forwards per iteration, hence two activation-range EMA updates (ranges are
-unfrozen, as in the first 4 epochs of a run; the speed does not depend on it).
+Two student forwards per iteration. The warm-up iterations update the activation ranges
+(two EMA updates per iteration, as in the first 4 epochs of a run); the timed ones run
+with frozen ranges, the state of 99 % of a run's iterations, which is also what
+`bench speed` times on the JAX side (its post-freeze step).
 
 Models:
   G: the GDFQ CIFAR generator (§2.2): label embedding * z -> Linear(100, 128*8*8) -> BN ->
@@ -351,6 +353,10 @@ def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int 
   runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher)
   losses0, times = None, []
   for i in range(warmup + steps):
+    if i == max(warmup, 1):   # ranges freeze (after >= 1 update), as after a run's first epochs
+      for m in runner.student.modules():
+        if isinstance(m, QuantAct):
+          m.running_stat = False
     t0 = time.perf_counter()
     losses = runner.step()
     elapsed = time.perf_counter() - t0
