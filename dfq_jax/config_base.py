@@ -117,14 +117,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.student.milestones = (100, 200, 300)
 
   c.batch_size = 16               # global batch, split over all devices
-  c.student_forward = "shared"    # AdaDFQ: one student forward for both steps | separate
+  c.student_forward = "shared"    # AdaDFQ after the range freeze: one student forward for
+                                  # both steps | separate (two, as while ranges update)
   c.stats_scope = "global"        # global (sync-BN, device-count independent) | per_device
   c.cpu_conv_kernels = "eigen"    # XLA:CPU convs: eigen (faster here) | ynn (XLA default)
   c.epochs = 400
   c.iters_per_epoch = 200
   c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled
   c.warmup_epochs = 4             # student frozen (generator only)
-  c.range_update_epochs = 4       # activation ranges update, then freeze
+  c.range_update_epochs = 4       # activation ranges update, then freeze (training then
+                                  # quantizes with the stored ranges; 400 = never freeze)
   c.min_phase_steps = 200         # floor on warm-up and range updates in shortened runs
 
   c.log_every_steps = 50
