@@ -126,7 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 0               # 0 = epochs * iters_per_epoch; else schedule scaled
   c.warmup_epochs = 4             # student frozen (generator only)
   c.range_update_epochs = 4       # activation ranges update, then freeze (training then
-                                  # quantizes with the stored ranges; 400 = never freeze)
+                                  # quantizes with the stored ranges; = epochs: never)
   c.min_phase_steps = 200         # floor on warm-up and range updates in shortened runs
 
   c.log_every_steps = 50
