@@ -8,6 +8,8 @@ run in --workdir aside (to DIR/previous-<time>/) instead of refusing a changed c
 Compiled steps are cached in ~/.cache/dfq_jax/xla (JAX_COMPILATION_CACHE_DIR overrides).
 Multi-host: set DFQ_DISTRIBUTED=1 (the launch/ scripts do) to call
 jax.distributed.initialize() first.
+Logging: the libraries' INFO records (orbax's checkpoint bookkeeping, absl) are off unless
+--verbosity / -v is given (e.g. -v 0 for INFO); warnings and errors always show.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -33,6 +36,8 @@ _RESTART = flags.DEFINE_bool("restart", False,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # a quiet run: progress bar and results
   import jax  # pylint: disable=g-import-not-at-top
   if os.environ.get("DFQ_DISTRIBUTED") == "1":
     jax.distributed.initialize()

@@ -1,0 +1,33 @@
+"""What a CLI user sees: a quiet run by default, the libraries' INFO records on request."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(tiny_teacher_dir, workdir, *extra):
+  args = [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py",
+          f"--workdir={workdir}", "--config.teacher.layout=orbax",
+          f"--config.teacher.weights={tiny_teacher_dir}", "--config.total_steps=6",
+          "--config.ckpt_every_steps=3", "--config.eval_every_steps=6",
+          "--config.generator.width=16", "--config.batch_size=8", "--config.data.limit=64",
+          "--config.sample_every_steps=0", "--config.min_phase_steps=2", *extra]
+  proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return proc
+
+
+def _info_records(text):
+  """absl INFO lines ('I1201 08:16:01.803190 ...') such as orbax's checkpoint records."""
+  return [line for line in text.splitlines() if len(line) > 5 and line[0] == "I"
+          and line[1:5].isdigit()]
+
+
+def test_default_run_has_no_library_info_records(tiny_teacher_dir, tmp_path):
+  quiet = _run(tiny_teacher_dir, tmp_path / "quiet")
+  assert _info_records(quiet.stderr + quiet.stdout) == []
+  assert "after gdfq (final)" in quiet.stdout        # the results table is still there
+  loud = _run(tiny_teacher_dir, tmp_path / "loud", "--verbosity=0")
+  assert any("checkpoint" in line.lower() for line in _info_records(loud.stderr))
