@@ -58,6 +58,14 @@ def main(argv):
   except trainer.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except Exception as e:  # pylint: disable=broad-except
+    if not run_lib.is_bad_input(e):
+      raise
+    message = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError) and e.args:
+      message = str(e.args[0])
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
   print(format_results(results))
   print(f"Results: {os.path.join(workdir, 'results.json')}")
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -48,6 +49,10 @@ def _flatten(d, prefix=""):
   return out
 
 
+# What a run writes once it has started working; a workdir with none of them holds no run.
+RUN_OUTPUTS = ("checkpoints", "best_student", "metrics.jsonl", "results.json", "synthetic.npz")
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bool) -> None:
   """Creates `workdir` and writes config.json; refuses to mix two different configs.
 
@@ -69,12 +74,18 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
     a, b = _flatten(old), _flatten(new)
     changed = sorted(k for k in set(a) | set(b)
                      if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS)
-    if changed and not restart:
+    # A run that stopped before writing any output (e.g. on a wrong teacher path) has
+    # nothing to protect: the corrected command takes the workdir over (its leftovers,
+    # such as a converted teacher, are archived, not deleted).
+    started = any(os.path.exists(os.path.join(workdir, name)) for name in RUN_OUTPUTS)
+    if changed and not restart and started:
       raise WorkdirConflictError(
           f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)} "
           "differ). Use another --workdir, or pass --restart to move the old run to "
           f"{workdir}/previous-<time>/ and start afresh.")
-    if restart:
+    leftovers = [n for n in os.listdir(workdir)
+                 if n != "config.json" and not n.startswith("previous-")]
+    if restart or (changed and leftovers):
       archive = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
       os.makedirs(archive)
       for name in os.listdir(workdir):
@@ -84,17 +95,40 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
     metrics_lib.write_json_atomic(path, new)
 
 
+BAD_INPUT_ATTR = "dfq_bad_input"
+
+
+@contextlib.contextmanager
+def _input_stage():
+  """Marks an error raised while reading the inputs (config, workdir, data, teacher).
+
+  The exception is re-raised unchanged (library callers catch it by its type); the mark
+  lets the CLI answer it with one `error:` line and exit code 2 instead of a traceback.
+  """
+  try:
+    yield
+  except (ValueError, OSError, KeyError, RuntimeError) as e:
+    setattr(e, BAD_INPUT_ATTR, True)
+    raise
+
+
+def is_bad_input(error: BaseException) -> bool:
+  """True for an error of the input stage of `run` (see `_input_stage`)."""
+  return bool(getattr(error, BAD_INPUT_ATTR, False))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False,
         log=print) -> dict:
   """Runs `config` in `workdir` and returns the results (also written to results.json)."""
   t0 = time.perf_counter()
-  experiment.validate_config(config)
-  prepare_workdir(workdir, config, restart)
-  norm = experiment.normalization(config)
-  eval_set = experiment.load_eval_set(config)
-  log(f"Eval data: {eval_set.name}, {len(eval_set)} images.")
-  teacher_vars = experiment.load_teacher(config, workdir)
-  models = experiment.build_models(config, teacher_vars)
+  with _input_stage():
+    experiment.validate_config(config)
+    prepare_workdir(workdir, config, restart)
+    norm = experiment.normalization(config)
+    eval_set = experiment.load_eval_set(config)
+    log(f"Eval data: {eval_set.name}, {len(eval_set)} images.")
+    teacher_vars = experiment.load_teacher(config, workdir)
+    models = experiment.build_models(config, teacher_vars)
   batch = config.data.eval_batch_size
   eval_options = xla_options.compiler_options(config.cpu_conv_kernels)
 

@@ -31,3 +31,21 @@ def test_default_run_has_no_library_info_records(tiny_teacher_dir, tmp_path):
   assert "after gdfq (final)" in quiet.stdout        # the results table is still there
   loud = _run(tiny_teacher_dir, tmp_path / "loud", "--verbosity=0")
   assert any("checkpoint" in line.lower() for line in _info_records(loud.stderr))
+
+
+def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path):
+  cases = [
+      (["--config=configs/demo.py:gdfq,w9a9"], "quant.w_bits=9"),
+      (["--config=configs/demo.py", "--config.teacher.layout=akamaster",
+        "--config.teacher.weights=README.md"], "README.md"),
+      (["--config=configs/demo.py", "--config.data.source=imagefolder",
+        f"--config.data.root={tmp_path}"], "Split folder"),
+  ]
+  for args, needle in cases:
+    proc = subprocess.run([sys.executable, "-m", "dfq_jax.main", *args,
+                           f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]

@@ -106,6 +106,7 @@ def test_workdir_with_another_config_is_refused_then_archived(tiny_teacher_dir, 
   workdir = str(tmp_path / "w")
   config = tiny_config(tiny_teacher_dir)
   run_lib.prepare_workdir(workdir, config, restart=False)
+  open(os.path.join(workdir, "metrics.jsonl"), "w").close()  # the run has started
   run_lib.prepare_workdir(workdir, config, restart=False)   # same config: fine
   config.eval_every_steps = 2                               # resumable key: fine
   run_lib.prepare_workdir(workdir, config, restart=False)
@@ -268,3 +269,17 @@ def test_quant_act_frozen_range_quantizes_with_the_stored_range():
   expected_max = (1.0 * np.float32(0.9) + 2.0 * (1 - np.float32(0.9))) / (1 - 0.5 * np.float32(0.9))
   np.testing.assert_allclose(float(upd["quant_stats"]["x_max"]), expected_max, rtol=1e-6)
   assert float(updating.max()) == pytest.approx(expected_max, rel=1e-5)
+
+
+def test_workdir_of_a_run_that_never_started_takes_a_corrected_config(tiny_teacher_dir,
+                                                                      tmp_path):
+  workdir = str(tmp_path / "w")
+  run_lib.prepare_workdir(workdir, tiny_config(tiny_teacher_dir), restart=False)
+  os.makedirs(os.path.join(workdir, "teacher"))       # e.g. a converted teacher, then a failure
+  fixed = tiny_config(tiny_teacher_dir, "dsg")
+  run_lib.prepare_workdir(workdir, fixed, restart=False)   # nothing to protect: accepted
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["method"] == "dsg"
+  archived = [d for d in os.listdir(workdir) if d.startswith("previous-")]
+  assert len(archived) == 1   # the old config and its leftovers, kept together
+  assert sorted(os.listdir(os.path.join(workdir, archived[0]))) == ["config.json", "teacher"]
