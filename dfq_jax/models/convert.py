@@ -368,11 +368,33 @@ def convert_state_dict(state_dict: Mapping[str, Any], model, layout: str,
                "by the model" for k in extra]
   if problems:
     raise ValueError(
+        _architecture_hint(source, model) +
         f"{problems[0]} {context}. {len(problems)} problem(s) in all "
         f"({len(target) - len(out)} of {len(target)} target leaves unfilled, "
         f"{len(extra)} of {len(source)} source tensors unused); wrong layout or "
         "architecture?" + "".join(f"\n  {p}" for p in problems[1:6]))
   return flax.traverse_util.unflatten_dict(out)
+
+
+_CIFAR_STAGE1_BLOCK = re.compile(r"^(?:layer1\.(\d+)\.|features\.stage1\.unit(\d+)\.)")
+
+
+def _architecture_hint(source: Mapping[str, Any], model) -> str:
+  """'This checkpoint looks like a ResNet-56: ...' when a CIFAR ResNet's depth differs."""
+  if not isinstance(model, ResNetCifar):
+    return ""
+  blocks = []
+  for name in source:
+    m = _CIFAR_STAGE1_BLOCK.match(name)
+    if m:   # akamaster counts blocks from 0 (layer1.0), pytorchcv from 1 (unit1)
+      blocks.append(int(m.group(1)) + 1 if m.group(1) is not None else int(m.group(2)))
+  if not blocks:
+    return ""
+  depth = 6 * max(blocks) + 2
+  if depth == model.depth:
+    return ""
+  return (f"this checkpoint looks like a ResNet-{depth} ({max(blocks)} blocks per stage), "
+          f"not a ResNet-{model.depth}: use --config.teacher.model=resnet{depth}_cifar. ")
 
 
 def _torch_order(shape, torch_ndim):

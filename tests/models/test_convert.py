@@ -356,6 +356,13 @@ def test_wrong_depth_is_rejected(akamaster_sd):
   with pytest.raises(ValueError, match=r"extra key: torch key 'layer1\.1\.conv1\.weight'"):
     convert.convert_state_dict(akamaster_sd, get_model("resnet8_cifar", num_classes=10),
                                "akamaster")
+  # The message starts with what to do: the depth the checkpoint's blocks imply.
+  for model in ("resnet8_cifar", "resnet56_cifar"):
+    with pytest.raises(ValueError) as info:
+      convert.convert_state_dict(akamaster_sd, get_model(model, num_classes=10), "akamaster")
+    assert str(info.value).startswith(
+        "this checkpoint looks like a ResNet-20 (3 blocks per stage), not a ResNet-")
+    assert "use --config.teacher.model=resnet20_cifar." in str(info.value)
 
 
 def test_missing_and_extra_keys_are_named(akamaster_sd):
@@ -445,3 +452,10 @@ def test_weights_table_is_consistent():
     assert (getattr(model, "shortcut", "B") == "B") == (w.layout != "akamaster"), name
   with pytest.raises(ValueError, match="unknown weights"):
     convert.download_weights("resnet19", os.devnull)
+
+
+def test_architecture_hint_counts_pytorchcv_units_from_one():
+  source = {f"features.stage1.unit{i}.body.conv1.conv.weight": None for i in range(1, 10)}
+  hint = convert._architecture_hint(source, get_model("resnet20_cifar", num_classes=10))
+  assert "looks like a ResNet-56 (9 blocks per stage)" in hint
+  assert convert._architecture_hint(source, get_model("resnet56_cifar", num_classes=10)) == ""
