@@ -6,6 +6,9 @@ Each run's `metrics.jsonl` gives its `eval/top1` rows (one per evaluation: every
 `eval_every_steps`); its `results.json`, once written, the FP top-1 and the no-training
 floor (`quant_top1_before`). The plot draws one line per run, the FP level of the first
 run that has one (dashed) and each run's floor (dotted, in the run's colour).
+
+`write_run_plot(workdir)` draws one run's top-1 and losses against steps into
+`<workdir>/curves.png`; the trainer calls it after every evaluation.
 """
 
 from __future__ import annotations
@@ -28,21 +31,62 @@ class Curve:
   floor_top1: float | None = None
 
 
-def read_curve(workdir: str, label: str | None = None) -> Curve:
-  """The eval/top1 rows of `workdir`/metrics.jsonl and the levels of its results.json."""
+def _rows(workdir: str) -> list[dict]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: pass the --workdir of a training run.")
-  steps, top1 = [], []
+  rows = []
   with open(path) as f:
     for line in f:
       try:
-        row = json.loads(line)
+        rows.append(json.loads(line))
       except json.JSONDecodeError:
         continue   # a torn last line of a run killed mid-write
-      if "eval/top1" in row:
-        steps.append(int(row["step"]))
-        top1.append(float(row["eval/top1"]))
+  return rows
+
+
+def write_run_plot(workdir: str, fp_top1: float | None = None,
+                   floor_top1: float | None = None) -> str:
+  """<workdir>/curves.png: eval top-1 (left) and the two losses (right) against steps."""
+  rows = _rows(workdir)
+  evals = [(r["step"], r["eval/top1"]) for r in rows if "eval/top1" in r]
+  fig = Figure(figsize=(9, 3.4))
+  FigureCanvasAgg(fig)
+  ax_top1, ax_loss = fig.subplots(1, 2)
+  if evals:
+    ax_top1.plot(*zip(*evals), marker="o", ms=3, color="C0", label="student")
+  if fp_top1 is not None:
+    ax_top1.axhline(fp_top1, color="black", ls="--", lw=1, label=f"FP {fp_top1:.2f}")
+  if floor_top1 is not None:
+    ax_top1.axhline(floor_top1, color="C0", ls=":", lw=1, label=f"before {floor_top1:.2f}")
+  ax_top1.set(xlabel="iteration", ylabel="top-1 (%)", title="evaluation top-1")
+  ax_top1.legend(fontsize=8, loc="lower right")
+  # Each loss on its own y axis: AdaDFQ's student loss (-T^2 H, about -900) would flatten
+  # the generator's.
+  for ax, key, color in ((ax_loss, "generator/loss", "C1"),
+                         (ax_loss.twinx(), "student/loss", "C2")):
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    if points:
+      ax.plot(*zip(*points), color=color, lw=1)
+    ax.set_ylabel(key, color=color)
+  ax_loss.set(xlabel="iteration", title="losses")
+  for ax in (ax_top1, ax_loss):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, "curves.png")
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, format="png", dpi=80)
+  os.replace(tmp, path)
+  return path
+
+
+def read_curve(workdir: str, label: str | None = None) -> Curve:
+  """The eval/top1 rows of `workdir`/metrics.jsonl and the levels of its results.json."""
+  steps, top1 = [], []
+  for row in _rows(workdir):
+    if "eval/top1" in row:
+      steps.append(int(row["step"]))
+      top1.append(float(row["eval/top1"]))
   curve = Curve(label or os.path.basename(os.path.normpath(workdir)), steps, top1)
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):

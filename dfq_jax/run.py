@@ -180,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
       results.update(ptq_pipeline.run_ptq(config, workdir, models, evaluate_student, norm,
                                           log=log))
     else:
-      results.update(trainer.train(config, workdir, models, evaluate_student, norm, log=log))
+      results.update(trainer.train(config, workdir, models, evaluate_student, norm, log=log,
+                                   reference_top1=results))
   results["wall_s"] = time.perf_counter() - t0
   if metrics_lib.is_writer():
     metrics_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)

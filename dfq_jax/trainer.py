@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dfq_jax import curves as curves_lib
 from dfq_jax import schedule as schedule_lib
 from dfq_jax import xla_options
 
@@ -378,7 +379,7 @@ def setup_training(config, models: Models, devices=None) -> TrainingSetup:
 
 
 def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict], float],
-          normalization, log=print) -> dict:
+          normalization, log=print, reference_top1: dict | None = None) -> dict:
   """Runs (or resumes) the training loop; returns the training part of results.json.
 
   Args:
@@ -388,6 +389,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
     evaluate_student: student variables {'params', 'batch_stats', 'quant_stats'} -> top-1 %.
     normalization: the model's input Normalization (to de-normalise sample grids).
     log: a print-like function for progress lines.
+    reference_top1: {'fp_top1', 'quant_top1_before'} levels marked in curves.png.
   """
   import os  # pylint: disable=g-import-not-at-top
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -457,6 +459,10 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
           state["best_step"] = jax.device_put(jnp.int32(done), replicated)
           best_ckpt.save(done, student_vars(state["student"]))
         writer.write(done, {"eval/top1": top1})
+        if metrics_lib.is_writer():
+          levels = reference_top1 or {}
+          curves_lib.write_run_plot(workdir, levels.get("fp_top1"),
+                                    levels.get("quant_top1_before"))
         bar.write(f"step {done}: student top-1 {top1:.2f} % (best {float(state['best_top1']):.2f})")
       if (done % config.ckpt_every_steps == 0 or done == timeline.total_steps
           or sigterm.received):

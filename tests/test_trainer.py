@@ -46,6 +46,9 @@ def test_each_method_trains_and_writes_outputs(tiny_teacher_dir, tmp_path, metho
   # Warm-up (2 steps): the student's learning rate is 0, then the paper's.
   assert train_rows[0]["lr/student"] == 0.0 and train_rows[1]["lr/student"] > 0.0
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000004.png"))
+  from PIL import Image
+  with Image.open(os.path.join(workdir, "curves.png")) as img:   # top-1 and losses vs steps
+    assert img.size == (720, 272)
   assert os.path.exists(os.path.join(workdir, "config.json"))
   with open(os.path.join(workdir, "results.json")) as f:
     assert json.load(f)["final_top1"] == results["final_top1"]
