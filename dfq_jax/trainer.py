@@ -440,8 +440,11 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
         check_finite(step, scalars)
         scalars["images_per_s"] = throughput.rate(done, config.batch_size)
         writer.write(done, scalars)
-        bar.set_postfix({"G": f"{scalars['generator/loss']:.3g}",
-                         "Q": f"{scalars['student/loss']:.3g}"}, refresh=False)
+        postfix = {"G": f"{scalars['generator/loss']:.3g}",
+                   "Q": f"{scalars['student/loss']:.3g}"}
+        if last_eval is not None:
+          postfix["top1"] = f"{last_eval[1]:.2f}"
+        bar.set_postfix(postfix, refresh=False)
       if config.sample_every_steps and done % config.sample_every_steps == 0 \
           and metrics_lib.is_writer():
         os.makedirs(samples_dir, exist_ok=True)
