@@ -4,7 +4,7 @@
 def tiny_config(teacher_dir, method="gdfq", **overrides):
   """The demo config shrunk to a few steps of a small generator on 64 eval images."""
   from configs import demo as demo_config
-  c = demo_config.get_config(method)
+  c = demo_config.get_config(f"{method},w4a4")
   c.teacher.layout = "orbax"
   c.teacher.weights = teacher_dir
   c.data.limit = 64
