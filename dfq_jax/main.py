@@ -68,6 +68,8 @@ def main(argv):
     sys.exit(2)
   print(format_results(results))
   print(f"Results: {os.path.join(workdir, 'results.json')}")
+  for name, path in output_paths(workdir):
+    print(f"{name}: {path}")
 
 
 def format_results(results: dict) -> str:
@@ -79,12 +81,28 @@ def format_results(results: dict) -> str:
     rows.append((f"{results['bits']} before {results['method']}", results["quant_top1_before"]))
     rows.append((f"{results['bits']} after {results['method']} (final)", results["final_top1"]))
     rows.append((f"{results['bits']} best during training*", results["best_top1"]))
+    rows.append((f"lift of {results['method']} (final - before)",
+                 results["final_top1"] - results["quant_top1_before"]))
   width = max(len(r[0]) for r in rows)
   lines = [f"{'model'.ljust(width)}  top-1 %", f"{'-' * width}  -------"]
   lines += [f"{name.ljust(width)}  {value:7.2f}" for name, value in rows]
   if "best_top1" in results:
     lines.append("* selected on the evaluation set, as the papers report; 'final' is not.")
   return "\n".join(lines)
+
+
+def output_paths(workdir: str) -> list[tuple[str, str]]:
+  """(what, path) of the pictures a run leaves: the curves and the newest sample grid."""
+  out = []
+  curves = os.path.join(workdir, "curves.png")
+  if os.path.exists(curves):
+    out.append(("Curves", curves))
+  samples = os.path.join(workdir, "samples")
+  if os.path.isdir(samples):
+    grids = sorted(f for f in os.listdir(samples) if f.endswith(".png"))
+    if grids:
+      out.append(("Samples", os.path.join(samples, grids[-1])))
+  return out
 
 
 def cli():

@@ -13,7 +13,7 @@ def _run(tiny_teacher_dir, workdir, *extra):
           f"--config.teacher.weights={tiny_teacher_dir}", "--config.total_steps=6",
           "--config.ckpt_every_steps=3", "--config.eval_every_steps=6",
           "--config.generator.width=16", "--config.batch_size=8", "--config.data.limit=64",
-          "--config.sample_every_steps=0", "--config.min_phase_steps=2", *extra]
+          "--config.sample_every_steps=6", "--config.min_phase_steps=2", *extra]
   proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   return proc
@@ -29,6 +29,9 @@ def test_default_run_has_no_library_info_records(tiny_teacher_dir, tmp_path):
   quiet = _run(tiny_teacher_dir, tmp_path / "quiet")
   assert _info_records(quiet.stderr + quiet.stdout) == []
   assert "after gdfq (final)" in quiet.stdout        # the results table is still there
+  assert "lift of gdfq (final - before)" in quiet.stdout
+  assert f"Curves: {tmp_path / 'quiet' / 'curves.png'}" in quiet.stdout
+  assert f"Samples: {tmp_path / 'quiet' / 'samples' / 'step_0000006.png'}" in quiet.stdout
   loud = _run(tiny_teacher_dir, tmp_path / "loud", "--verbosity=0")
   assert any("checkpoint" in line.lower() for line in _info_records(loud.stderr))
 
