@@ -15,6 +15,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from dfq_jax import config_base
@@ -144,20 +145,33 @@ def load_teacher(config, workdir: str | None = None) -> dict:
   shape = (1, config.image_size, config.image_size, config.channels)
   if config.teacher.layout == "demo":
     cache = os.path.join(workdir, "teacher") if workdir else None
-    if cache and os.path.isdir(cache):
+    if cache and _exists_on_all_processes(cache):
       return convert.load_variables(cache, convert.abstract_variables(model, shape))
     variables = demo.train_teacher(model, seed=config.seed)
-    if cache and jax.process_index() == 0:
-      convert.save_variables(variables, cache)
+    if cache:
+      convert.save_variables(variables, cache)   # collective: every process calls it
     return variables
   variables = convert.load_teacher_variables(config.teacher.weights, model,
                                              layout=config.teacher.layout, input_shape=shape)
-  if workdir and not os.path.isdir(config.teacher.weights) and jax.process_index() == 0:
+  if workdir and not os.path.isdir(config.teacher.weights):
     # Keep the converted weights: `--config.teacher.weights=<workdir>/teacher` needs no torch.
     cache = os.path.join(workdir, "teacher")
-    if not os.path.isdir(cache):
-      convert.save_variables(variables, cache)
+    if not _exists_on_all_processes(cache):
+      convert.save_variables(variables, cache)   # collective: every process calls it
   return variables
+
+
+def _exists_on_all_processes(path: str) -> bool:
+  """Whether `path` is a directory, as process 0 sees it (the same answer everywhere).
+
+  Orbax saves are collective, so every process must take the same branch; a process that
+  looked after process 0 had started writing could otherwise skip the save and leave
+  process 0 waiting in it.
+  """
+  exists = os.path.isdir(path)
+  if jax.process_count() > 1:
+    exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
+  return exists
 
 
 def build_models(config, teacher_vars: dict) -> Models:

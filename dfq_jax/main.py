@@ -31,6 +31,35 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results are written.")
 _RESTART = flags.DEFINE_bool("restart", False,
                              "Move an existing run in --workdir aside and start afresh.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("DFQ_COORDINATOR_ADDRESS"),
+    "Multi-process run started by hand: host:port of process 0 (env DFQ_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("DFQ_NUM_PROCESSES", "0")) or None,
+    "Multi-process run started by hand: the number of processes (env DFQ_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["DFQ_PROCESS_ID"]) if "DFQ_PROCESS_ID" in os.environ else None,
+    "Multi-process run started by hand: this process's index (env DFQ_PROCESS_ID).")
+
+
+def _initialize_distributed(jax) -> None:
+  """jax.distributed.initialize from the flags, or from the cluster's environment.
+
+  With --coordinator_address/--num_processes/--process_id (or their DFQ_* variables) the
+  processes were started by hand (launch/local_multihost.sh); with DFQ_DISTRIBUTED=1 alone
+  JAX detects the cluster (TPU pod, SLURM, ...).
+  """
+  manual = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in manual):
+    if any(v is None for v in manual):
+      raise app.UsageError("a multi-process run needs --coordinator_address, --num_processes "
+                           "and --process_id together (or DFQ_COORDINATOR_ADDRESS, "
+                           "DFQ_NUM_PROCESSES, DFQ_PROCESS_ID).")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
+  elif os.environ.get("DFQ_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
 
 
 def main(argv):
@@ -39,8 +68,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # a quiet run: progress bar and results
   import jax  # pylint: disable=g-import-not-at-top
-  if os.environ.get("DFQ_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+  _initialize_distributed(jax)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Resumed and repeated runs reuse compiled steps (compilation takes 10-60 s on CPU).
     jax.config.update("jax_compilation_cache_dir",
@@ -50,8 +78,10 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", "demo")
   from dfq_jax import trainer  # pylint: disable=g-import-not-at-top
+  primary = jax.process_index() == 0   # one process prints (all of them work)
+  say = print if primary else (lambda *a, **k: None)
   try:
-    results = run_lib.run(config, workdir, restart=_RESTART.value)
+    results = run_lib.run(config, workdir, restart=_RESTART.value, log=say)
   except trainer.Preempted as e:
     print(e, file=sys.stderr)
     sys.exit(143)
@@ -66,10 +96,10 @@ def main(argv):
       message = str(e.args[0])
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-  print(format_results(results))
-  print(f"Results: {os.path.join(workdir, 'results.json')}")
+  say(format_results(results))
+  say(f"Results: {os.path.join(workdir, 'results.json')}")
   for name, path in output_paths(workdir):
-    print(f"{name}: {path}")
+    say(f"{name}: {path}")
 
 
 def format_results(results: dict) -> str:

@@ -275,6 +275,23 @@ def generate_samples(models: Models, gen_params, key, count: int):
   return models.generator.apply({"params": gen_params}, z, labels)
 
 
+def to_host(tree):
+  """numpy copies of a tree of replicated arrays, also when they span other processes.
+
+  `jax.device_get` refuses arrays with devices of other processes; a replicated array
+  holds the whole value on each of this process's devices.
+  """
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return np.asarray(a.addressable_data(0))
+    return np.asarray(a)
+  return jax.tree.map(one, tree)
+
+
+def top1_best(state) -> float:
+  return float(to_host(state["best_top1"]))
+
+
 def all_finite(tree) -> jax.Array:
   """True iff every floating leaf of `tree` is finite (one device scalar)."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
@@ -436,7 +453,7 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
       state, metrics = step_fn(state, teacher_vars, constants, *timeline.phase(step))
       done = step + 1
       if done % config.log_every_steps == 0 or done == timeline.total_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        scalars = {k: float(v) for k, v in to_host(metrics).items()}
         check_finite(step, scalars)
         scalars["images_per_s"] = throughput.rate(done, config.batch_size)
         writer.write(done, scalars)
@@ -445,19 +462,21 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
         if last_eval is not None:
           postfix["top1"] = f"{last_eval[1]:.2f}"
         bar.set_postfix(postfix, refresh=False)
-      if config.sample_every_steps and done % config.sample_every_steps == 0 \
-          and metrics_lib.is_writer():
-        os.makedirs(samples_dir, exist_ok=True)
-        imgs = jax.device_get(generate_samples(models, state["gen"]["params"], sample_key,
-                                               min(64, 4 * models.num_classes)))
-        grid = metrics_lib.image_grid(imgs, normalization.mean, normalization.std,
-                                      columns=models.num_classes)
-        metrics_lib.save_png(os.path.join(samples_dir, f"step_{done:07d}.png"), grid,
-                             upscale=max(1, 64 // models.image_shape[0]))
+      if config.sample_every_steps and done % config.sample_every_steps == 0:
+        # Every process computes the grid (a computation on global arrays is collective);
+        # process 0 writes it.
+        imgs = to_host(generate_samples(models, state["gen"]["params"], sample_key,
+                                        min(64, 4 * models.num_classes)))
+        if metrics_lib.is_writer():
+          os.makedirs(samples_dir, exist_ok=True)
+          grid = metrics_lib.image_grid(imgs, normalization.mean, normalization.std,
+                                        columns=models.num_classes)
+          metrics_lib.save_png(os.path.join(samples_dir, f"step_{done:07d}.png"), grid,
+                               upscale=max(1, 64 // models.image_shape[0]))
       if done % timeline.eval_every_steps == 0 or done == timeline.total_steps:
         top1 = evaluate_student(student_vars(state["student"]))
         last_eval = (done, top1)
-        if top1 > float(state["best_top1"]):
+        if top1 > top1_best(state):
           state["best_top1"] = jax.device_put(jnp.float32(top1), replicated)
           state["best_step"] = jax.device_put(jnp.int32(done), replicated)
           best_ckpt.save(done, student_vars(state["student"]))
@@ -466,7 +485,8 @@ def train(config, workdir: str, models: Models, evaluate_student: Callable[[dict
           levels = reference_top1 or {}
           curves_lib.write_run_plot(workdir, levels.get("fp_top1"),
                                     levels.get("quant_top1_before"))
-        bar.write(f"step {done}: student top-1 {top1:.2f} % (best {float(state['best_top1']):.2f})")
+        if metrics_lib.is_writer():
+          bar.write(f"step {done}: student top-1 {top1:.2f} % (best {top1_best(state):.2f})")
       if (done % config.ckpt_every_steps == 0 or done == timeline.total_steps
           or sigterm.received):
         save(done)

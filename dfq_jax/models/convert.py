@@ -415,8 +415,11 @@ def save_variables(variables: Mapping[str, Any], directory: str | os.PathLike,
   """Saves converted variables as an orbax checkpoint; returns the absolute path."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
+  # Host numpy copies: orbax refuses process-local jax.Arrays in a multi-process run (and
+  # saves numpy leaves once, from the primary process). Every process must call this.
+  variables = jax.tree.map(np.asarray, dict(variables))
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory, dict(variables), force=overwrite)
+    ckptr.save(directory, variables, force=overwrite)
     ckptr.wait_until_finished()
   return directory
 
@@ -434,7 +437,14 @@ def load_variables(directory: str | os.PathLike, abstract=None) -> dict[str, Any
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no orbax checkpoint directory at {directory!r}.")
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(directory, abstract)
+    if abstract is None:
+      metadata = ckptr.metadata(directory)
+      abstract = getattr(metadata, "item_metadata", metadata)
+    # As host numpy arrays, whatever topology wrote the checkpoint: a teacher converted
+    # by one process is read by every process of a multi-host run, then placed by the
+    # caller (a process-local device array could not be placed across hosts).
+    target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+    return ckptr.restore(directory, target)
 
 
 def load_teacher_variables(path: str | os.PathLike, model, layout: str | None = None,
