@@ -9,7 +9,8 @@ Compiled steps are cached in ~/.cache/dfq_jax/xla (JAX_COMPILATION_CACHE_DIR ove
 Multi-host: set DFQ_DISTRIBUTED=1 (the launch/ scripts do) to call
 jax.distributed.initialize() first.
 Logging: the libraries' INFO records (orbax's checkpoint bookkeeping, absl) are off unless
---verbosity / -v is given (e.g. -v 0 for INFO); warnings and errors always show.
+--verbosity / -v is given (e.g. -v 0 for INFO); warnings and errors always show. Bad input
+ends in one `error:` line and exit code 2; --verbosity=1 shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except Exception as e:  # pylint: disable=broad-except
-    if not run_lib.is_bad_input(e):
-      raise
+    if not run_lib.is_bad_input(e) or flags.FLAGS.verbosity >= 1:
+      raise   # a bug, or --verbosity=1 (the traceback for a bug report)
     message = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError) and e.args:
       message = str(e.args[0])

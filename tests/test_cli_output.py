@@ -52,3 +52,8 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+  # --verbosity=1: the traceback, for a bug report.
+  proc = subprocess.run([sys.executable, "-m", "dfq_jax.main", *cases[0][0], "--verbosity=1",
+                         f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode != 0 and "Traceback" in proc.stderr
