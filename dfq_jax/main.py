@@ -1,7 +1,7 @@
 r"""Command line: python -m dfq_jax.main --config configs/<file>.py[:args] --workdir DIR.
 
 With no arguments it runs the embedded demo (configs/demo.py) in ./runs/demo: a small
-teacher trained on scikit-learn's digits, quantized to W4A4 without data, offline.
+teacher trained on scikit-learn's digits, quantized to W2A2 without data, offline.
 
 Overrides: --config.key=value (unknown keys are an error). --restart moves an existing
 run in --workdir aside (to DIR/previous-<time>/) instead of refusing a changed config.
@@ -16,6 +16,7 @@ ends in one `error:` line and exit code 2; --verbosity=1 shows its traceback ins
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app
@@ -136,10 +137,30 @@ def output_paths(workdir: str) -> list[tuple[str, str]]:
   return out
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad config file argument or override as one error line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if any(a in ("-v", "--verbosity=1", "--verbosity=2") for a in argv):
+      raise
+    # config_flags puts the config file's exception last in its message.
+    message = str(e).strip().splitlines()[-1].strip() or type(e).__name__
+    message = re.sub(r"^[A-Za-z]*Error: ", "", message)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:   # --config.x=y overrides
+    text = str(e.args[0]) if isinstance(e, (AttributeError, KeyError)) and e.args else str(e)
+    print(f"error: bad config override ({text.strip(chr(34) + chr(39))}): check the key and "
+          "value against the config file (every key is listed in its get_config).",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def cli():
   if not any(a == "--config" or a.startswith("--config=") for a in sys.argv[1:]):
     sys.argv.insert(1, f"--config={_DEMO_CONFIG}")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,10 @@ def _cli(tmp_path, *args):
 ])
 def test_cli_rejects_bad_input_before_work(tmp_path, args, message):
   proc = _cli(tmp_path, *args)
-  assert proc.returncode != 0
-  assert message in proc.stderr + proc.stdout
+  # One `error:` line naming the problem, exit code 2, no traceback.
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   # Nothing was written: the workdir was not even created.
   assert not os.path.exists(tmp_path / "w" / "config.json")
