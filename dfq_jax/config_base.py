@@ -163,6 +163,41 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def key_docs() -> dict[str, str]:
+  """{'quant.w_bits': 'its one-line comment', ...} from the comments in `base_config`."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  docs, last = {}, None
+  for line in inspect.getsource(base_config).splitlines():
+    m = re.match(r"^\s*c\.([\w.]+)\s*=.*?#\s*(.*)$", line)
+    if m:
+      last = m.group(1)
+      docs[last] = m.group(2).strip()
+    elif last and re.match(r"^\s+#\s*(.*)$", line) and "=" not in line.split("#")[0]:
+      docs[last] += " " + line.split("#", 1)[1].strip()   # a comment continued below
+    else:
+      last = None
+  return docs
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every key of `config`, its value and (where base_config has one) its comment."""
+  docs = key_docs()
+  lines = []
+
+  def walk(node, prefix):
+    for key in sorted(node.keys()):
+      value = node[key]
+      name = f"{prefix}{key}"
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, name + ".")
+      else:
+        doc = docs.get(name, "")
+        lines.append(f"{name} = {value!r}" + (f"    # {doc}" if doc else ""))
+
+  walk(config, "")
+  return "\n".join(lines)
+
+
 def parse_arg(arg: str | None) -> tuple[list[str], dict[str, str]]:
   """Splits 'adadfq,w4a4,teacher=pytorchcv' into (['adadfq', 'w4a4'], {'teacher': ...})."""
   flags, kv = [], {}

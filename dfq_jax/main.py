@@ -33,6 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results are written.")
 _RESTART = flags.DEFINE_bool("restart", False,
                              "Move an existing run in --workdir aside and start afresh.")
+_SHOW_CONFIG = flags.DEFINE_bool(
+    "show_config", False, "Print every key of the resolved config, its value and its "
+    "comment (what --config.key=value may override), then exit.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", os.environ.get("DFQ_COORDINATOR_ADDRESS"),
     "Multi-process run started by hand: host:port of process 0 (env DFQ_COORDINATOR_ADDRESS).")
@@ -69,6 +72,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # a quiet run: progress bar and results
+  if _SHOW_CONFIG.value:
+    from dfq_jax import config_base  # pylint: disable=g-import-not-at-top
+    print(config_base.describe(_CONFIG.value))
+    return
   import jax  # pylint: disable=g-import-not-at-top
   _initialize_distributed(jax)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

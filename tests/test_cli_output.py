@@ -57,3 +57,16 @@ def test_bad_input_is_one_error_line_with_exit_code_2(tmp_path):
                          f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_show_config_lists_every_key_with_its_value_and_comment(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "dfq_jax.main",
+                         "--config=configs/cifar10_resnet20.py:adadfq,w3a3", "--show_config",
+                         f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert "quant.w_bits = 3" in lines and "method = 'adadfq'" in lines
+  assert any(line.startswith("range_update_epochs = 4    # activation ranges update")
+             for line in lines)
+  assert len(lines) > 100 and not (tmp_path / "w").exists()
