@@ -3,11 +3,12 @@
 The demo config, shrunk, runs as 2 processes x 2 CPU devices (gloo collectives, a local
 coordinator) and as 1 process x 4 devices, each into its own workdir. Same global batch,
 stats_scope=global: the same losses and top-1, one metrics.jsonl / results.json / sample
-grid, written by process 0.
+grid, written by process 0; the 2-process checkpoint resumes in 1 process.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -77,3 +78,21 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
                                    err_msg=f"step {x['step']} {key}")
   assert sorted(os.listdir(two / "samples")) == ["step_0000004.png", "step_0000008.png"]
   assert (two / "curves.png").exists() and (two / "checkpoints").is_dir()
+
+  # The 2-process checkpoint of step 4 resumes in 1 process x 4 devices to the same end.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(two, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "8")
+  (resumed / "results.json").unlink()
+  proc = subprocess.run(_args(tiny_teacher_dir, resumed), cwd=ROOT, env=_env(4),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from" in proc.stdout and "at step 4" in proc.stdout
+  c = json.loads((resumed / "results.json").read_text())
+  for key in ("final_top1", "best_top1", "best_step"):
+    assert c[key] == b[key], key
+  for x, y in zip(_rows(two), _rows(resumed)):
+    for key in x:
+      if key != "images_per_s":
+        np.testing.assert_allclose(y[key], x[key], rtol=1e-4, atol=1e-6,
+                                   err_msg=f"resumed step {x['step']} {key}")
