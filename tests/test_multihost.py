@@ -96,3 +96,29 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
       if key != "images_per_s":
         np.testing.assert_allclose(y[key], x[key], rtol=1e-4, atol=1e-6,
                                    err_msg=f"resumed step {x['step']} {key}")
+
+
+def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
+  def args(workdir):
+    return [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py:dsg_ptq,w4a4",
+            f"--workdir={workdir}", "--config.teacher.layout=orbax",
+            f"--config.teacher.weights={tiny_teacher_dir}", "--config.ptq.steps=5",
+            "--config.ptq.batch_size=16", "--config.data.limit=64", "--config.calib.split=test"]
+
+  proc = subprocess.run(args(tmp_path / "one"), cwd=ROOT, env=_env(4), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  port = _free_port()
+  procs = [subprocess.Popen(args(tmp_path / "two") + [
+      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+  for key in ("fp_top1", "quant_top1_before", "final_top1", "synthetic_images"):
+    assert a[key] == b[key], key
+  x, y = (np.load(tmp_path / d / "synthetic.npz") for d in ("one", "two"))
+  np.testing.assert_array_equal(x["labels"], y["labels"])
+  np.testing.assert_allclose(y["images"], x["images"], rtol=1e-4, atol=1e-4)

@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,13 @@ from dfq_jax import xla_options
 from dfq_jax.ptq import synthesis
 
 SAMPLES_FILE = "synthetic.npz"
+
+
+def _global_to_host(a) -> np.ndarray:
+  """The whole of a batch-sharded array on this host (gathered when it spans processes)."""
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+  return np.asarray(jax.device_get(a))
 
 
 def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -64,8 +72,8 @@ def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.
 
       x, y, last = synth.run_batch(jax.random.fold_in(key, b + 1), log=log_step,
                                    log_every=config.ptq.log_every_steps)
-      images.append(np.asarray(jax.device_get(x)))
-      labels.append(np.asarray(jax.device_get(y)))
+      images.append(_global_to_host(x))
+      labels.append(_global_to_host(y))
       seconds += time.perf_counter() - t0
       log(f"Synthetic batch {b + 1}/{hp.batches}: {hp.steps} steps in "
           f"{time.perf_counter() - t0:.1f} s, final loss {last['loss']:.4g} "
