@@ -283,6 +283,8 @@ def to_host(tree):
   """
   def one(a):
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      if not a.sharding.is_fully_replicated:
+        raise ValueError(f"to_host needs a replicated array; got sharding {a.sharding}.")
       return np.asarray(a.addressable_data(0))
     return np.asarray(a)
   return jax.tree.map(one, tree)
