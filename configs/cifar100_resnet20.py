@@ -17,7 +17,8 @@ from dfq_jax import config_base
 
 
 def get_config(arg=None):
-  config = config_base.paper_config(arg, dataset="cifar100", model="resnet20_cifar",
-                                    layout="pytorchcv", shortcut="B")
+  config = config_base.paper_config(
+    arg, dataset="cifar100", model="resnet20_cifar", layout="pytorchcv", shortcut="B"
+  )
   config.batch_size = 16 if config.method == "adadfq" else 200
   return config

@@ -21,7 +21,7 @@ from dfq_jax import config_base
 def get_config(arg=None):
   config = config_base.base_config()
   config.method = "gdfq"
-  config.quant.w_bits = config.quant.a_bits = 2   # a bits argument overrides
+  config.quant.w_bits = config.quant.a_bits = 2  # a bits argument overrides
   flags, kv = config_base.parse_arg(arg)
   config_base.apply_flags(config, flags)
   if kv:

@@ -32,9 +32,12 @@ def _adadfq(config):
 
 
 def get_config(arg=None):
-  config = config_base.paper_config(arg, dataset="imagenet2012", model="resnet18",
-                                    layout="pytorchcv",
-                                    method_defaults={"gdfq": _gdfq, "dsg": _gdfq,
-                                                     "adadfq": _adadfq})
+  config = config_base.paper_config(
+    arg,
+    dataset="imagenet2012",
+    model="resnet18",
+    layout="pytorchcv",
+    method_defaults={"gdfq": _gdfq, "dsg": _gdfq, "adadfq": _adadfq},
+  )
   config.warmup_epochs = 50
   return config

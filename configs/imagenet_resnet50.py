@@ -27,8 +27,9 @@ def _gdfq(config):
 def _adadfq(config):
   bits = config_base.bits_of(config)
   config.student.lr = 1e-4
-  config.student.milestones = config.generator.milestones = {
-      4: (200, 300, 400), 5: (350, 400)}.get(bits, (150, 300, 400))
+  config.student.milestones = config.generator.milestones = {4: (200, 300, 400), 5: (350, 400)}.get(
+    bits, (150, 300, 400)
+  )
   config.warmup_epochs = 50 if bits in (4, 5) else 100
   config.adadfq.temperature = 5.0
   config.adadfq.lambda_l = 0.3 if bits in (4, 5) else 0.4
@@ -36,7 +37,10 @@ def _adadfq(config):
 
 
 def get_config(arg=None):
-  return config_base.paper_config(arg, dataset="imagenet2012", model="resnet50",
-                                  layout="pytorchcv",
-                                  method_defaults={"gdfq": _gdfq, "dsg": _gdfq,
-                                                   "adadfq": _adadfq})
+  return config_base.paper_config(
+    arg,
+    dataset="imagenet2012",
+    model="resnet50",
+    layout="pytorchcv",
+    method_defaults={"gdfq": _gdfq, "dsg": _gdfq, "adadfq": _adadfq},
+  )

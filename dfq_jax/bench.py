@@ -17,7 +17,7 @@ writes grid.json and grid.md: mean +- std over seeds of final and best top-1, wa
   python -m dfq_jax.bench ptq --config configs/cifar10_resnet20.py --bits w4a4,w6a6,w8a8 \
       --out runs/ptq [--observers minmax,sample_mean,percentile,mse] --config.teacher.weights=...
 synthesises the ZeroQ and DSG sets once and tables top-1 for every bit-width x calibration
-set (ZeroQ, DSG, real train images, noise) x observer (dfq_jax/ptq/grid.py): ptq_grid.md/json,
+set (ZeroQ, DSG, real train images, noise) x observer (dfq_jax/ptq_grid.py): ptq_grid.md/json,
 diversity.png/md.
 
   python -m dfq_jax.bench curves --runs DIR1,DIR2 [--labels A,B] --out curves.png
@@ -46,12 +46,18 @@ import subprocess
 import sys
 import time
 
-from absl import app
-from absl import flags
+import jax
+import numpy as np
+from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].",
-                                          lock_config=True)
+from dfq_jax import config_base, networks, ptq_grid, trainer
+from dfq_jax import curves as curves_lib
+from dfq_jax import metrics as metrics_lib
+from dfq_jax import run as run_lib
+from dfq_jax.models import teacher as teacher_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", None, "speed: global batch size (default: config's).")
 _STEPS = flags.DEFINE_integer("steps", 20, "speed: timed iterations; accuracy: total_steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "speed: untimed iterations after compilation.")
@@ -59,20 +65,29 @@ _METHODS = flags.DEFINE_list("methods", ["gdfq", "dsg", "adadfq"], "accuracy: me
 _BITS = flags.DEFINE_list("bits", ["w4a4", "w3a3"], "accuracy, ptq: bit-widths.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "accuracy: seeds 0..K-1 per cell.")
 _OUT = flags.DEFINE_string("out", "runs/grid", "accuracy, ptq: output directory.")
-_OBSERVERS = flags.DEFINE_list("observers", ["minmax", "sample_mean", "percentile", "mse"],
-                               "ptq: activation-range observers (calib.method values).")
+_OBSERVERS = flags.DEFINE_list(
+  "observers",
+  ["minmax", "sample_mean", "percentile", "mse"],
+  "ptq: activation-range observers (calib.method values).",
+)
 _RUNS = flags.DEFINE_list("runs", [], "curves: workdirs of training runs.")
 _LABELS = flags.DEFINE_list("labels", [], "curves: one label per run (default: dir name).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
-_TORCH_PYTHON = flags.DEFINE_string("torch_python", sys.executable,
-                                    "compare: Python executable that has torch installed.")
+_TORCH_PYTHON = flags.DEFINE_string(
+  "torch_python", sys.executable, "compare: Python executable that has torch installed."
+)
 _TORCH_FROZEN = flags.DEFINE_bool(
-    "torch_frozen_teacher", False,
-    "compare: the torch reference skips the teacher's weight gradients (the original code "
-    "computes them: its teacher is only in eval mode).")
-_PEAK_GFLOPS = flags.DEFINE_float("peak_gflops", 209.0,
-                                  "compare: matmul peak (GFLOP/s) for the JAX peak fraction; "
-                                  "<= 0 to omit. 209 = numpy sgemm on the project's CPU.")
+  "torch_frozen_teacher",
+  False,
+  "compare: the torch reference skips the teacher's weight gradients (the original code "
+  "computes them: its teacher is only in eval mode).",
+)
+_PEAK_GFLOPS = flags.DEFINE_float(
+  "peak_gflops",
+  209.0,
+  "compare: matmul peak (GFLOP/s) for the JAX peak fraction; "
+  "<= 0 to omit. 209 = numpy sgemm on the project's CPU.",
+)
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_REFERENCE = os.path.join(_ROOT, "dfq_jax", "reference", "torch_adadfq.py")
@@ -80,22 +95,23 @@ _TORCH_REFERENCE = os.path.join(_ROOT, "dfq_jax", "reference", "torch_adadfq.py"
 
 def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
   """Times the full training iteration (generator step + student step)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from dfq_jax import experiment, trainer  # pylint: disable=g-import-not-at-top
-
   if batch:
     config.batch_size = batch
   shape = (1, config.image_size, config.image_size, config.channels)
   if config.teacher.weights:
-    teacher_vars = experiment.load_teacher(config)
+    teacher_vars = teacher_lib.load_teacher(config)
   else:
-    teacher_vars = experiment.teacher_model(config).init(jax.random.key(0),
-                                                        np.zeros(shape, np.float32))
-  models = experiment.build_models(config, teacher_vars)
+    teacher_vars = teacher_lib.teacher_model(config).init(
+      jax.random.key(0), np.zeros(shape, np.float32)
+    )
+  models = networks.build_models(config, teacher_vars)
   setup = trainer.setup_training(config, models)
-  state, teacher, constants, step = (setup.state, setup.teacher_vars, setup.constants,
-                                     setup.step_fn)
+  state, teacher, constants, step = (
+    setup.state,
+    setup.teacher_vars,
+    setup.constants,
+    setup.step_fn,
+  )
 
   t0 = time.perf_counter()
   compiled = step.lower(state, teacher, constants, True, False).compile()
@@ -114,34 +130,36 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
     times.append(time.perf_counter() - t)
   median = statistics.median(times)
   return {
-      "method": config.method, "bits": f"w{config.quant.w_bits}a{config.quant.a_bits}",
-      "model": config.teacher.model, "batch": config.batch_size,
-      "median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
-      "images_per_s": config.batch_size / median, "compile_s": compile_s,
-      "flops_per_step": flops, "gflops_per_s": flops / median / 1e9,
-      "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      "device_kind": jax.devices()[0].device_kind, "device_count": jax.device_count(),
-      "timed_steps": steps,
+    "method": config.method,
+    "bits": f"w{config.quant.w_bits}a{config.quant.a_bits}",
+    "model": config.teacher.model,
+    "batch": config.batch_size,
+    "median_step_s": median,
+    "min_step_s": min(times),
+    "max_step_s": max(times),
+    "images_per_s": config.batch_size / median,
+    "compile_s": compile_s,
+    "flops_per_step": flops,
+    "gflops_per_s": flops / median / 1e9,
+    "peak_host_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "timed_steps": steps,
   }
 
 
-def accuracy(config, methods_: list[str], bits: list[str], steps: int, seeds: int,
-             out: str) -> dict:
+def accuracy(
+  config, methods_: list[str], bits: list[str], steps: int, seeds: int, out: str
+) -> dict:
   """Runs the methods x bits x seeds grid; writes grid.json and grid.md under `out`."""
-  import copy  # pylint: disable=g-import-not-at-top
-  from dfq_jax import config_base  # pylint: disable=g-import-not-at-top
-  from dfq_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
-  from dfq_jax import run as run_lib  # pylint: disable=g-import-not-at-top
-
   os.makedirs(out, exist_ok=True)
   cells = {}
   for m in methods_:
     for b in bits:
       runs = []
       for seed in range(seeds):
-        c = copy.deepcopy(config)
+        c = config_base.with_flags(config, [m, b])
         with c.unlocked():
-          config_base.apply_flags(c, [m, b])
           c.seed = seed
           if steps:
             c.total_steps = steps
@@ -158,23 +176,34 @@ def accuracy(config, methods_: list[str], bits: list[str], steps: int, seeds: in
       cells[f"{m},{b}"] = runs
   table = {}
   for key, runs in cells.items():
-    def stat(name):
+
+    def stat(name, runs=runs):
       values = [r[name] for r in runs]
       std = statistics.stdev(values) if len(values) > 1 else 0.0
       return statistics.mean(values), std
-    table[key] = {"final_top1": stat("final_top1"), "best_top1": stat("best_top1"),
-                  "quant_top1_before": stat("quant_top1_before"),
-                  "wall_s": stat("wall_s"), "seeds": len(runs),
-                  "fp_top1": runs[0]["fp_top1"], "steps": runs[0]["steps"]}
+
+    table[key] = {
+      "final_top1": stat("final_top1"),
+      "best_top1": stat("best_top1"),
+      "quant_top1_before": stat("quant_top1_before"),
+      "wall_s": stat("wall_s"),
+      "seeds": len(runs),
+      "fp_top1": runs[0]["fp_top1"],
+      "steps": runs[0]["steps"],
+    }
   metrics_lib.write_json_atomic(os.path.join(out, "grid.json"), table)
-  lines = ["| method | bits | before | final | best* | wall s/run | seeds |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    "| method | bits | before | final | best* | wall s/run | seeds |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for key, r in table.items():
     m, b = key.split(",")
-    fmt = lambda v: f"{v[0]:.2f} ± {v[1]:.2f}" if r["seeds"] > 1 else f"{v[0]:.2f}"
-    lines.append(f"| {m} | {b.upper()} | {fmt(r['quant_top1_before'])} | "
-                 f"{fmt(r['final_top1'])} | {fmt(r['best_top1'])} | {r['wall_s'][0]:.0f} | "
-                 f"{r['seeds']} |")
+    fmt = lambda v, r=r: f"{v[0]:.2f} ± {v[1]:.2f}" if r["seeds"] > 1 else f"{v[0]:.2f}"
+    lines.append(
+      f"| {m} | {b.upper()} | {fmt(r['quant_top1_before'])} | "
+      f"{fmt(r['final_top1'])} | {fmt(r['best_top1'])} | {r['wall_s'][0]:.0f} | "
+      f"{r['seeds']} |"
+    )
   lines.append("\n* best: selected on the evaluation set, as the papers report.")
   with open(os.path.join(out, "grid.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -211,14 +240,43 @@ def _run_json(cmd: list[str], what: str) -> dict:
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT, check=False)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode != 0 or not lines:
-    raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                       f"{proc.stderr[-3000:]}")
+    raise RuntimeError(
+      f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}"
+    )
   return json.loads(lines[-1])
 
 
-def compare(config, config_arg: str, overrides: list[str], batch: int | None, steps: int,
-            warmup: int, rounds: int, torch_python: str = sys.executable,
-            peak_gflops: float | None = 209.0, torch_frozen_teacher: bool = False) -> dict:
+def _checked_torch_python(torch_python: str) -> str:
+  """`torch_python` made absolute; raises TorchMissingError if it cannot import torch."""
+  if os.sep in torch_python and os.path.exists(torch_python):
+    torch_python = os.path.abspath(torch_python)
+  probe = subprocess.run(
+    [torch_python, "-c", "import torch; print(torch.__version__)"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  if probe.returncode != 0:
+    raise TorchMissingError(
+      f"compare needs PyTorch, which {torch_python!r} cannot import. Install it with "
+      f"`{torch_python} -m pip install torch==2.13.0` (CPU wheel), or pass "
+      "--torch_python=/path/to/another/venv/bin/python that has it."
+    )
+  return torch_python
+
+
+def compare(
+  config,
+  config_arg: str,
+  overrides: list[str],
+  batch: int | None,
+  steps: int,
+  warmup: int,
+  rounds: int,
+  torch_python: str = sys.executable,
+  peak_gflops: float | None = 209.0,
+  torch_frozen_teacher: bool = False,
+) -> dict:
   """JAX `speed` vs the eager torch reference, alternating fresh subprocesses J T J T ...
 
   Args:
@@ -239,23 +297,14 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
   given_config, (path, colon, args) = config_arg, config_arg.partition(":")
   if os.path.exists(path):
     config_arg = os.path.abspath(path) + colon + args
-  if os.sep in torch_python and os.path.exists(torch_python):
-    torch_python = os.path.abspath(torch_python)
-  probe = subprocess.run([torch_python, "-c", "import torch; print(torch.__version__)"],
-                         capture_output=True, text=True, check=False)
-  if probe.returncode != 0:
-    raise TorchMissingError(
-        f"compare needs PyTorch, which {torch_python!r} cannot import. Install it with "
-        f"`{torch_python} -m pip install torch==2.13.0` (CPU wheel), or pass "
-        "--torch_python=/path/to/another/venv/bin/python that has it.")
+  torch_python = _checked_torch_python(torch_python)
   batch = batch or config.batch_size
   w_bits, a_bits = config.quant.w_bits, config.quant.a_bits
-  jax_cmd = [sys.executable, "-m", "dfq_jax.bench", "speed", f"--config={config_arg}",
-             f"--batch={batch}", f"--steps={steps}", f"--warmup={warmup}", *overrides]
-  torch_cmd = [torch_python, _TORCH_REFERENCE, "--batch", str(batch), "--steps", str(steps),
-               "--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
-  if torch_frozen_teacher:
-    torch_cmd.append("--frozen-teacher")
+  jax_cmd = [sys.executable, "-m", "dfq_jax.bench", "speed", f"--config={config_arg}"]
+  jax_cmd += [f"--batch={batch}", f"--steps={steps}", f"--warmup={warmup}", *overrides]
+  torch_cmd = [torch_python, _TORCH_REFERENCE, "--batch", str(batch), "--steps", str(steps)]
+  torch_cmd += ["--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
+  torch_cmd += ["--frozen-teacher"] if torch_frozen_teacher else []
   jax_rows, torch_rows = [], []
   for _ in range(rounds):
     jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
@@ -266,28 +315,36 @@ def compare(config, config_arg: str, overrides: list[str], batch: int | None, st
   flops = jax_rows[0]["flops_per_step"]
   gflops_per_s = flops / jax_median / 1e9
   return {
-      "config": given_config, "overrides": overrides, "method": config.method,
-      "bits": f"w{w_bits}a{a_bits}", "batch": batch, "steps": steps, "warmup": warmup,
-      "rounds": rounds,
-      "jax_round_median_step_s": jax_medians, "torch_round_median_step_s": torch_medians,
-      "jax_median_step_s": jax_median, "torch_median_step_s": torch_median,
-      "speedup": torch_median / jax_median,
-      "jax_images_per_s": batch / jax_median, "torch_images_per_s": batch / torch_median,
-      "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
-      "flops_per_step": flops, "jax_gflops_per_s": gflops_per_s,
-      "peak_gflops": peak_gflops if peak_gflops and peak_gflops > 0 else None,
-      "jax_peak_fraction": (gflops_per_s / peak_gflops
-                            if peak_gflops and peak_gflops > 0 else None),
-      "jax_device_kind": jax_rows[0]["device_kind"],
-      "torch_version": torch_rows[0]["torch_version"], "torch_threads": torch_rows[0]["threads"],
-      "torch_frozen_teacher": torch_frozen_teacher,
-      "torch_losses_step0": torch_rows[0]["losses_step0"],
+    "config": given_config,
+    "overrides": overrides,
+    "method": config.method,
+    "bits": f"w{w_bits}a{a_bits}",
+    "batch": batch,
+    "steps": steps,
+    "warmup": warmup,
+    "rounds": rounds,
+    "jax_round_median_step_s": jax_medians,
+    "torch_round_median_step_s": torch_medians,
+    "jax_median_step_s": jax_median,
+    "torch_median_step_s": torch_median,
+    "speedup": torch_median / jax_median,
+    "jax_images_per_s": batch / jax_median,
+    "torch_images_per_s": batch / torch_median,
+    "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
+    "flops_per_step": flops,
+    "jax_gflops_per_s": gflops_per_s,
+    "peak_gflops": peak_gflops if peak_gflops and peak_gflops > 0 else None,
+    "jax_peak_fraction": (gflops_per_s / peak_gflops if peak_gflops and peak_gflops > 0 else None),
+    "jax_device_kind": jax_rows[0]["device_kind"],
+    "torch_version": torch_rows[0]["torch_version"],
+    "torch_threads": torch_rows[0]["threads"],
+    "torch_frozen_teacher": torch_frozen_teacher,
+    "torch_losses_step0": torch_rows[0]["losses_step0"],
   }
 
 
 def curves(runs: list[str], labels: list[str], out: str) -> list:
   """Reads every run's evaluations and writes the PNG `out`; returns the curves."""
-  from dfq_jax import curves as curves_lib  # pylint: disable=g-import-not-at-top
   if not runs:
     raise app.UsageError("curves needs --runs DIR[,DIR...] (training workdirs).")
   if labels and len(labels) != len(runs):
@@ -300,11 +357,21 @@ def curves(runs: list[str], labels: list[str], out: str) -> list:
 def main(argv):
   if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "curves"):
     raise app.UsageError(
-        "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|curves --config FILE[:args] ...")
+      "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|curves --config FILE[:args] ..."
+    )
   if argv[1] == "curves":
     for c in curves(_RUNS.value, _LABELS.value, _OUT.value):
-      print(json.dumps({"run": c.label, "steps": c.steps, "top1": c.top1, "fp_top1": c.fp_top1,
-                        "floor_top1": c.floor_top1}))
+      print(
+        json.dumps(
+          {
+            "run": c.label,
+            "steps": c.steps,
+            "top1": c.top1,
+            "fp_top1": c.fp_top1,
+            "floor_top1": c.floor_top1,
+          }
+        )
+      )
     return
   config = _CONFIG.value
   if config is None:
@@ -314,15 +381,23 @@ def main(argv):
   elif argv[1] == "compare":
     config_arg, overrides = _config_args(sys.argv[1:])
     try:
-      row = compare(config, config_arg, overrides, _BATCH.value, _STEPS.value, _WARMUP.value,
-                    _ROUNDS.value, _TORCH_PYTHON.value, _PEAK_GFLOPS.value,
-                    _TORCH_FROZEN.value)
+      row = compare(
+        config,
+        config_arg,
+        overrides,
+        _BATCH.value,
+        _STEPS.value,
+        _WARMUP.value,
+        _ROUNDS.value,
+        _TORCH_PYTHON.value,
+        _PEAK_GFLOPS.value,
+        _TORCH_FROZEN.value,
+      )
     except TorchMissingError as e:
       sys.exit(f"error: {e}")
     print(json.dumps(row))
   elif argv[1] == "ptq":
-    from dfq_jax.ptq import grid  # pylint: disable=g-import-not-at-top
-    grid.ptq_grid(config, _BITS.value, _OUT.value, observers=tuple(_OBSERVERS.value))
+    ptq_grid.ptq_grid(config, _BITS.value, _OUT.value, observers=tuple(_OBSERVERS.value))
     with open(os.path.join(_OUT.value, "ptq_grid.md")) as f:
       print(f.read())
   else:

@@ -19,8 +19,8 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int = 3, subdir: str = "checkpoints"):
     self.directory = os.path.abspath(os.path.join(workdir, subdir))
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True))
+      self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True)
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -51,18 +51,22 @@ class Checkpointer:
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         return self.restore(abstract_state, step), step
-      except Exception as e:  # pylint: disable=broad-except
+      except Exception as e:
         aside = os.path.join(self.directory + ".unreadable", str(step))
-        log(f"warning: checkpoint {step} in {self.directory} cannot be restored "
-            f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, trying the previous one.")
+        log(
+          f"warning: checkpoint {step} in {self.directory} cannot be restored "
+          f"({type(e).__name__}: {str(e)[:200]}); moved to {aside}, trying the previous one."
+        )
         src = os.path.join(self.directory, str(step))
         if os.path.isdir(src) and jax.process_index() == 0:
           os.makedirs(os.path.dirname(aside), exist_ok=True)
           os.replace(src, aside if not os.path.exists(aside) else f"{aside}.{os.getpid()}")
         self.manager.reload()
     if self.manager.all_steps():
-      raise RuntimeError(f"no checkpoint in {self.directory} can be restored; move the "
-                         "directory aside (or use --restart) to start afresh.")
+      raise RuntimeError(
+        f"no checkpoint in {self.directory} can be restored; move the "
+        "directory aside (or use --restart) to start afresh."
+      )
     return None, None
 
   def wait(self) -> None:
@@ -76,5 +80,5 @@ class Checkpointer:
 def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) of a concrete pytree, for `restore`."""
   return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-      tree)
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree
+  )

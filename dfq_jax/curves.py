@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 @dataclasses.dataclass
 class Curve:
   """One run's evaluations: steps, top-1 (%), and its FP / floor levels if known."""
+
   label: str
   steps: list[int]
   top1: list[float]
@@ -41,12 +42,13 @@ def _rows(workdir: str) -> list[dict]:
       try:
         rows.append(json.loads(line))
       except json.JSONDecodeError:
-        continue   # a torn last line of a run killed mid-write
+        continue  # a torn last line of a run killed mid-write
   return rows
 
 
-def write_run_plot(workdir: str, fp_top1: float | None = None,
-                   floor_top1: float | None = None) -> str:
+def write_run_plot(
+  workdir: str, fp_top1: float | None = None, floor_top1: float | None = None
+) -> str:
   """<workdir>/curves.png: eval top-1 (left) and the two losses (right) against steps."""
   rows = _rows(workdir)
   evals = [(r["step"], r["eval/top1"]) for r in rows if "eval/top1" in r]
@@ -63,8 +65,10 @@ def write_run_plot(workdir: str, fp_top1: float | None = None,
   ax_top1.legend(fontsize=8, loc="lower right")
   # Each loss on its own y axis: AdaDFQ's student loss (-T^2 H, about -900) would flatten
   # the generator's.
-  for ax, key, color in ((ax_loss, "generator/loss", "C1"),
-                         (ax_loss.twinx(), "student/loss", "C2")):
+  for ax, key, color in (
+    (ax_loss, "generator/loss", "C1"),
+    (ax_loss.twinx(), "student/loss", "C2"),
+  ):
     points = [(r["step"], r[key]) for r in rows if key in r]
     if points:
       ax.plot(*zip(*points), color=color, lw=1)
@@ -96,16 +100,24 @@ def read_curve(workdir: str, label: str | None = None) -> Curve:
   return curve
 
 
-def plot_curves(curves: list[Curve], path: str, *, fp_top1: float | None = None,
-                title: str = "student top-1 during training") -> None:
+def plot_curves(
+  curves: list[Curve],
+  path: str,
+  *,
+  fp_top1: float | None = None,
+  title: str = "student top-1 during training",
+) -> None:
   """Writes the PNG at `path`: top-1 vs iterations, FP and floor levels marked."""
   if not curves:
     raise ValueError("plot_curves needs at least one run.")
   fig = Figure(figsize=(8, 4.8))
   FigureCanvasAgg(fig)
   ax = fig.subplots()
-  fp = fp_top1 if fp_top1 is not None else next(
-      (c.fp_top1 for c in curves if c.fp_top1 is not None), None)
+  fp = (
+    fp_top1
+    if fp_top1 is not None
+    else next((c.fp_top1 for c in curves if c.fp_top1 is not None), None)
+  )
   for i, c in enumerate(curves):
     color = f"C{i % 10}"
     ax.plot(c.steps, c.top1, marker="o", ms=3, color=color, label=c.label)

@@ -19,35 +19,49 @@ import os
 import re
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "demo.py")
+from dfq_jax import config_base
+from dfq_jax import run as run_lib
+from dfq_jax.interfaces import NonFiniteError, Preempted
+
+_DEMO_CONFIG = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/cifar10_resnet20.py:adadfq,w4a4.",
-    lock_config=True)
+  "config", None, "Config file, e.g. configs/cifar10_resnet20.py:adadfq,w4a4.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and results are written.")
-_RESTART = flags.DEFINE_bool("restart", False,
-                             "Move an existing run in --workdir aside and start afresh.")
+_RESTART = flags.DEFINE_bool(
+  "restart", False, "Move an existing run in --workdir aside and start afresh."
+)
 _SHOW_CONFIG = flags.DEFINE_bool(
-    "show_config", False, "Print every key of the resolved config, its value and its "
-    "comment (what --config.key=value may override), then exit.")
+  "show_config",
+  False,
+  "Print every key of the resolved config, its value and its "
+  "comment (what --config.key=value may override), then exit.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", os.environ.get("DFQ_COORDINATOR_ADDRESS"),
-    "Multi-process run started by hand: host:port of process 0 (env DFQ_COORDINATOR_ADDRESS).")
+  "coordinator_address",
+  os.environ.get("DFQ_COORDINATOR_ADDRESS"),
+  "Multi-process run started by hand: host:port of process 0 (env DFQ_COORDINATOR_ADDRESS).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", int(os.environ.get("DFQ_NUM_PROCESSES", "0")) or None,
-    "Multi-process run started by hand: the number of processes (env DFQ_NUM_PROCESSES).")
+  "num_processes",
+  int(os.environ.get("DFQ_NUM_PROCESSES", "0")) or None,
+  "Multi-process run started by hand: the number of processes (env DFQ_NUM_PROCESSES).",
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", int(os.environ["DFQ_PROCESS_ID"]) if "DFQ_PROCESS_ID" in os.environ else None,
-    "Multi-process run started by hand: this process's index (env DFQ_PROCESS_ID).")
+  "process_id",
+  int(os.environ["DFQ_PROCESS_ID"]) if "DFQ_PROCESS_ID" in os.environ else None,
+  "Multi-process run started by hand: this process's index (env DFQ_PROCESS_ID).",
+)
 
 
-def _initialize_distributed(jax) -> None:
+def _initialize_distributed() -> None:
   """jax.distributed.initialize from the flags, or from the cluster's environment.
 
   With --coordinator_address/--num_processes/--process_id (or their DFQ_* variables) the
@@ -57,12 +71,16 @@ def _initialize_distributed(jax) -> None:
   manual = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in manual):
     if any(v is None for v in manual):
-      raise app.UsageError("a multi-process run needs --coordinator_address, --num_processes "
-                           "and --process_id together (or DFQ_COORDINATOR_ADDRESS, "
-                           "DFQ_NUM_PROCESSES, DFQ_PROCESS_ID).")
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+      raise app.UsageError(
+        "a multi-process run needs --coordinator_address, --num_processes "
+        "and --process_id together (or DFQ_COORDINATOR_ADDRESS, "
+        "DFQ_NUM_PROCESSES, DFQ_PROCESS_ID)."
+      )
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
   elif os.environ.get("DFQ_DISTRIBUTED") == "1":
     jax.distributed.initialize()
 
@@ -71,35 +89,32 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)   # a quiet run: progress bar and results
+    logging.set_verbosity(logging.WARNING)  # a quiet run: progress bar and results
   if _SHOW_CONFIG.value:
-    from dfq_jax import config_base  # pylint: disable=g-import-not-at-top
     print(config_base.describe(_CONFIG.value))
     return
-  import jax  # pylint: disable=g-import-not-at-top
-  _initialize_distributed(jax)
+  _initialize_distributed()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Resumed and repeated runs reuse compiled steps (compilation takes 10-60 s on CPU).
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser(os.path.join("~", ".cache", "dfq_jax", "xla")))
+    jax.config.update(
+      "jax_compilation_cache_dir", os.path.expanduser(os.path.join("~", ".cache", "dfq_jax", "xla"))
+    )
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-  from dfq_jax import run as run_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", "demo")
-  from dfq_jax import trainer  # pylint: disable=g-import-not-at-top
-  primary = jax.process_index() == 0   # one process prints (all of them work)
+  primary = jax.process_index() == 0  # one process prints (all of them work)
   say = print if primary else (lambda *a, **k: None)
   try:
     results = run_lib.run(config, workdir, restart=_RESTART.value, log=say)
-  except trainer.Preempted as e:
+  except Preempted as e:
     print(e, file=sys.stderr)
     sys.exit(143)
-  except trainer.NonFiniteError as e:
+  except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     if not run_lib.is_bad_input(e) or flags.FLAGS.verbosity >= 1:
-      raise   # a bug, or --verbosity=1 (the traceback for a bug report)
+      raise  # a bug, or --verbosity=1 (the traceback for a bug report)
     message = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError) and e.args:
       message = str(e.args[0])
@@ -120,8 +135,12 @@ def format_results(results: dict) -> str:
     rows.append((f"{results['bits']} before {results['method']}", results["quant_top1_before"]))
     rows.append((f"{results['bits']} after {results['method']} (final)", results["final_top1"]))
     rows.append((f"{results['bits']} best during training*", results["best_top1"]))
-    rows.append((f"lift of {results['method']} (final - before)",
-                 results["final_top1"] - results["quant_top1_before"]))
+    rows.append(
+      (
+        f"lift of {results['method']} (final - before)",
+        results["final_top1"] - results["quant_top1_before"],
+      )
+    )
   width = max(len(r[0]) for r in rows)
   lines = [f"{'model'.ljust(width)}  top-1 %", f"{'-' * width}  -------"]
   lines += [f"{name.ljust(width)}  {value:7.2f}" for name, value in rows]
@@ -156,11 +175,13 @@ def _parse_flags(argv):
     message = re.sub(r"^[A-Za-z]*Error: ", "", message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-  except (AttributeError, KeyError, ValueError, TypeError) as e:   # --config.x=y overrides
+  except (AttributeError, KeyError, ValueError, TypeError) as e:  # --config.x=y overrides
     text = str(e.args[0]) if isinstance(e, (AttributeError, KeyError)) and e.args else str(e)
-    print(f"error: bad config override ({text.strip(chr(34) + chr(39))}): check the key and "
-          "value against the config file (every key is listed in its get_config).",
-          file=sys.stderr)
+    print(
+      f"error: bad config override ({text.strip(chr(34) + chr(39))}): check the key and "
+      "value against the config file (every key is listed in its get_config).",
+      file=sys.stderr,
+    )
     sys.exit(2)
 
 

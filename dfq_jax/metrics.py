@@ -73,7 +73,8 @@ class MetricWriter:
       self._truncate_after(resume_step if resume_step is not None else -1)
     if tensorboard:
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        from tensorboardX import SummaryWriter  # imported on use
+
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:
         self._tb = None
@@ -123,14 +124,17 @@ def image_grid(images: np.ndarray, mean, std, columns: int | None = None) -> np.
   grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.float32)
   for i in range(n):
     r, col = divmod(i, columns)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = images[i]
+    grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = images[
+      i
+    ]
   grid = (grid * 255.0 + 0.5).astype(np.uint8)
   return grid[..., 0] if c == 1 else grid
 
 
 def save_png(path: str, array: np.ndarray, upscale: int = 1) -> None:
   """Saves a uint8 image array as PNG (nearest upscaling for tiny images)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # imported on use
+
   img = Image.fromarray(array)
   if upscale > 1:
     img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)

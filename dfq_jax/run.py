@@ -1,12 +1,12 @@
 """One run, end to end: config -> teacher -> (training) -> evaluation -> results.json.
 
-    validate the config (before any work)
-    workdir: config.json (a different config never silently reuses a workdir)
-    teacher weights, student policy, generator; the real eval set
-    FP top-1; the no-training floor (student ranges calibrated on noise or real images)
-    method 'eval': stop here | gdfq/dsg/adadfq: the shared trainer (resumable)
-                            | dsg_ptq/zeroq_ptq: synthesis + calibration (ptq/pipeline.py)
-    results.json (atomic)
+validate the config (before any work; each value by the module that owns it)
+workdir: config.json (a different config never silently reuses a workdir)
+teacher weights, student policy, generator; the real eval set
+FP top-1; the no-training floor (student ranges calibrated on noise or real images)
+method 'eval': stop here | gdfq/dsg/adadfq: the shared trainer (resumable)
+                        | dsg_ptq/zeroq_ptq: synthesis + calibration (ptq/pipeline.py)
+results.json (atomic)
 """
 
 from __future__ import annotations
@@ -20,22 +20,70 @@ import time
 import jax
 import ml_collections
 
-from dfq_jax import config_base
-from dfq_jax import experiment
+from dfq_jax import config_base, generators, methods, networks, schedule, trainer, xla_options
 from dfq_jax import metrics as metrics_lib
-from dfq_jax import trainer
-from dfq_jax import xla_options
+from dfq_jax import step as step_lib
+from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.evaluate import evaluate_across_hosts
+from dfq_jax.interfaces import WorkdirConflictError
+from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.ptq import pipeline as ptq_pipeline
+from dfq_jax.ptq import synthesis
+from dfq_jax.quant import calibration
+from dfq_jax.quant import config as quant_config
 
 # Keys that may change between a run and its resumption without changing the result.
-_RESUMABLE_KEYS = ("log_every_steps", "eval_every_steps", "ckpt_every_steps",
-                   "sample_every_steps", "keep_checkpoints", "data.cache_dir",
-                   "data.eval_batch_size")
+_RESUMABLE_KEYS = (
+  "log_every_steps",
+  "eval_every_steps",
+  "ckpt_every_steps",
+  "sample_every_steps",
+  "keep_checkpoints",
+  "data.cache_dir",
+  "data.eval_batch_size",
+)
 
 
-class WorkdirConflictError(RuntimeError):
-  """The workdir holds a run with another config."""
+__all__ = ["WorkdirConflictError", "is_bad_input", "prepare_workdir", "run", "validate_config"]
+
+
+def validate_config(config) -> None:
+  """Raises ValueError/FileNotFoundError for a config that cannot run, before any work.
+
+  Each part is checked by the module that reads it.
+  """
+  if config.method not in config_base.METHODS:
+    raise ValueError(f"method={config.method!r} is unknown: use one of {config_base.METHODS}.")
+  config_base.check_config_keys(config)
+  quant_config.policy_from_config(config)
+  quant_config.check_calibration_config(config)
+  teacher_lib.check_teacher_config(config)
+  eval_set_lib.check_data_config(config)
+  generators.check_generator_config(config)
+  step_lib.check_step_config(config)
+  schedule.check_schedule_config(config)
+  xla_options.check_cpu_conv_kernels(config.cpu_conv_kernels)
+  if config.method in methods.TRAINING_METHODS:
+    methods.get_method(config.method).hparams(config)
+  devices = jax.device_count()
+  if config.method in methods.TRAINING_METHODS and config.batch_size % devices:
+    raise ValueError(
+      f"batch_size={config.batch_size} is not divisible by the {devices} "
+      "devices: choose a multiple of the device count."
+    )
+  if config.method in config_base.PTQ_METHODS:
+    if config.ptq.objective != config.method:
+      raise ValueError(
+        f"method={config.method!r} was set without its defaults: select a PTQ method "
+        f"with the config argument (e.g. configs/cifar10_resnet20.py:{config.method},w4a4)"
+        ", not with --config.method."
+      )
+    synthesis.PtqHparams.from_config(config)
+    if config.ptq.batch_size % devices:
+      raise ValueError(
+        f"ptq.batch_size={config.ptq.batch_size} is not divisible by the "
+        f"{devices} devices: choose a multiple of the device count."
+      )
 
 
 def _flatten(d, prefix=""):
@@ -62,8 +110,9 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
-    raise OSError(f"cannot create workdir {workdir!r}: {e.strerror}. Choose a writable "
-                  "--workdir.") from e
+    raise OSError(
+      f"cannot create workdir {workdir!r}: {e.strerror}. Choose a writable --workdir."
+    ) from e
   if not os.access(workdir, os.W_OK):
     raise PermissionError(f"workdir {workdir!r} is not writable: choose another --workdir.")
   path = os.path.join(workdir, "config.json")
@@ -72,19 +121,22 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
     with open(path) as f:
       old = json.load(f)
     a, b = _flatten(old), _flatten(new)
-    changed = sorted(k for k in set(a) | set(b)
-                     if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS)
+    changed = sorted(
+      k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS
+    )
     # A run that stopped before writing any output (e.g. on a wrong teacher path) has
     # nothing to protect: the corrected command takes the workdir over (its leftovers,
     # such as a converted teacher, are archived, not deleted).
     started = any(os.path.exists(os.path.join(workdir, name)) for name in RUN_OUTPUTS)
     if changed and not restart and started:
       raise WorkdirConflictError(
-          f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)} "
-          "differ). Use another --workdir, or pass --restart to move the old run to "
-          f"{workdir}/previous-<time>/ and start afresh.")
-    leftovers = [n for n in os.listdir(workdir)
-                 if n != "config.json" and not n.startswith("previous-")]
+        f"workdir {workdir!r} holds a run with a different config ({', '.join(changed)} "
+        "differ). Use another --workdir, or pass --restart to move the old run to "
+        f"{workdir}/previous-<time>/ and start afresh."
+      )
+    leftovers = [
+      n for n in os.listdir(workdir) if n != "config.json" and not n.startswith("previous-")
+    ]
     if restart or (changed and leftovers):
       archive = os.path.join(workdir, time.strftime("previous-%Y%m%d-%H%M%S"))
       os.makedirs(archive)
@@ -117,58 +169,81 @@ def is_bad_input(error: BaseException) -> bool:
   return bool(getattr(error, BAD_INPUT_ATTR, False))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False,
-        log=print) -> dict:
+def _results_header(config, models, eval_set, before) -> dict:
+  """What results.json says about the run before training: setting, FP top-1, floor."""
+  policy = models.student.quant
+  return {
+    "method": config.method,
+    "bits": f"W{policy.w_bits}A{policy.a_bits}",
+    "quant_policy": policy.describe(),
+    "teacher": config.teacher.model,
+    "eval_data": eval_set.name,
+    "eval_images": len(eval_set),
+    "fp_top1": 100 * float(before.top1[0]),
+    "fp_top5": 100 * float(before.top5[0]),
+    "calibration": (
+      f"{config.calib.batches}x{config.calib.batch_size} "
+      + (
+        "N(0,1) noise" if config.calib.source == "noise" else f"real images ({config.calib.split})"
+      )
+      + f", {config.calib.method}"
+    ),
+    "seed": config.seed,
+    "parity": bool(config.parity),
+  }
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False, log=print
+) -> dict:
   """Runs `config` in `workdir` and returns the results (also written to results.json)."""
   t0 = time.perf_counter()
   with _input_stage():
-    experiment.validate_config(config)
+    validate_config(config)
     prepare_workdir(workdir, config, restart)
-    norm = experiment.normalization(config)
-    eval_set = experiment.load_eval_set(config)
+    norm = eval_set_lib.normalization(config)
+    eval_set = eval_set_lib.load_eval_set(config)
     log(f"Eval data: {eval_set.name}, {len(eval_set)} images.")
-    teacher_vars = experiment.load_teacher(config, workdir)
-    models = experiment.build_models(config, teacher_vars)
+    teacher_vars = teacher_lib.load_teacher(config, workdir)
+    models = networks.build_models(config, teacher_vars)
   batch = config.data.eval_batch_size
   eval_options = xla_options.compiler_options(config.cpu_conv_kernels)
 
   def eval_models(specs, names):
-    return evaluate_across_hosts(specs, eval_set.images, eval_set.labels, norm.mean, norm.std,
-                                 batch, num_classes=config.num_classes, names=names,
-                                 compiler_options=eval_options)
+    return evaluate_across_hosts(
+      specs,
+      eval_set.images,
+      eval_set.labels,
+      norm.mean,
+      norm.std,
+      batch,
+      num_classes=config.num_classes,
+      names=names,
+      compiler_options=eval_options,
+    )
 
   # The no-training floor: student with the teacher's weights, ranges calibrated.
-  student_init = models.student.init(
-      jax.random.key(0), jax.numpy.zeros((1, *models.image_shape)))
-  calib_vars = {**teacher_vars, "quant_stats": student_init.get("quant_stats", {})}
-  calib_vars["quant_stats"] = experiment.calibrate_ranges(
-      models.student, calib_vars,
-      experiment.calibration_batches(config, norm, jax.random.key(config.seed + 7)),
-      observer=config.calib.method, percentile=config.calib.percentile)
-  before = eval_models([(models.teacher.apply, teacher_vars), (models.student.apply, calib_vars)],
-                       ["fp", "quantized"])
+  calib_vars = calibration.calibrated_student(
+    models.student,
+    teacher_vars,
+    models.image_shape,
+    eval_set_lib.calibration_batches(config, norm, jax.random.key(config.seed + 7)),
+    observer=config.calib.method,
+    percentile=config.calib.percentile,
+  )
+  before = eval_models(
+    [(models.teacher.apply, teacher_vars), (models.student.apply, calib_vars)], ["fp", "quantized"]
+  )
   log(before.summary())
-  policy = models.student.quant
-  results = {
-      "method": config.method,
-      "bits": f"W{policy.w_bits}A{policy.a_bits}",
-      "quant_policy": policy.describe(),
-      "teacher": config.teacher.model,
-      "eval_data": eval_set.name,
-      "eval_images": len(eval_set),
-      "fp_top1": 100 * float(before.top1[0]),
-      "fp_top5": 100 * float(before.top5[0]),
-      "calibration": (f"{config.calib.batches}x{config.calib.batch_size} "
-                      + ("N(0,1) noise" if config.calib.source == "noise"
-                         else f"real images ({config.calib.split})")
-                      + f", {config.calib.method}"),
-      "seed": config.seed,
-      "parity": bool(config.parity),
-  }
+  results = _results_header(config, models, eval_set, before)
   if config.method == "eval":
-    results.update({"quant_top1": 100 * float(before.top1[1]),
-                    "quant_top5": 100 * float(before.top5[1]),
-                    "agreement": 100 * float(before.agreement[1])})
+    results.update(
+      {
+        "quant_top1": 100 * float(before.top1[1]),
+        "quant_top5": 100 * float(before.top5[1]),
+        "agreement": 100 * float(before.agreement[1]),
+      }
+    )
   else:
     results["quant_top1_before"] = 100 * float(before.top1[1])
 
@@ -177,11 +252,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, restart: bool = Fals
       return 100 * float(r.top1[0])
 
     if config.method in config_base.PTQ_METHODS:
-      results.update(ptq_pipeline.run_ptq(config, workdir, models, evaluate_student, norm,
-                                          log=log))
+      results.update(ptq_pipeline.run_ptq(config, workdir, models, evaluate_student, norm, log=log))
     else:
-      results.update(trainer.train(config, workdir, models, evaluate_student, norm, log=log,
-                                   reference_top1=results))
+      results.update(
+        trainer.train(
+          config, workdir, models, evaluate_student, norm, log=log, reference_top1=results
+        )
+      )
   results["wall_s"] = time.perf_counter() - t0
   if metrics_lib.is_writer():
     metrics_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)

@@ -22,12 +22,13 @@ import jax.numpy as jnp
 @dataclasses.dataclass(frozen=True)
 class Timeline:
   """Step boundaries of one run (all in optimizer iterations)."""
+
   total_steps: int
-  warmup_steps: int          # student frozen while step < warmup_steps
-  range_freeze_step: int     # activation ranges update while step < range_freeze_step
+  warmup_steps: int  # student frozen while step < warmup_steps
+  range_freeze_step: int  # activation ranges update while step < range_freeze_step
   generator_milestones: tuple[int, ...]
   student_milestones: tuple[int, ...]
-  eval_every_steps: int      # evaluation cadence: every epoch of the original in parity
+  eval_every_steps: int  # evaluation cadence (config 0: every epoch, as the original)
 
   def phase(self, step: int) -> tuple[bool, bool]:
     """(train_student, update_ranges) of iteration `step` (0-based), the step's static args."""
@@ -46,15 +47,16 @@ class Timeline:
       paper = epochs * config.iters_per_epoch
       return min(int(total), max(at(epochs), min(config.min_phase_steps, paper)))
 
-    return cls(total_steps=int(total),
-               warmup_steps=phase(config.warmup_epochs),
-               range_freeze_step=phase(config.range_update_epochs),
-               generator_milestones=tuple(at(e) for e in config.generator.milestones),
-               student_milestones=tuple(at(e) for e in config.student.milestones),
-               # The original evaluates after every epoch (iters_per_epoch = 200
-               # iterations) and reports the best: parity selects `best_top1` the same way.
-               eval_every_steps=int(config.iters_per_epoch if config.parity
-                                    else config.eval_every_steps))
+    return cls(
+      total_steps=int(total),
+      warmup_steps=phase(config.warmup_epochs),
+      range_freeze_step=phase(config.range_update_epochs),
+      generator_milestones=tuple(at(e) for e in config.generator.milestones),
+      student_milestones=tuple(at(e) for e in config.student.milestones),
+      # 0: after every epoch (iters_per_epoch iterations), as the original,
+      # which reports the best epoch (parity sets it).
+      eval_every_steps=int(config.eval_every_steps or config.iters_per_epoch),
+    )
 
 
 def multistep_lr(base: float, step, milestones, factor: float = 0.1):
@@ -66,4 +68,15 @@ def multistep_lr(base: float, step, milestones, factor: float = 0.1):
   if not milestones:
     return jnp.asarray(base, jnp.float32)
   passed = jnp.sum(jnp.asarray(step) >= jnp.asarray(milestones))
-  return jnp.asarray(base, jnp.float32) * jnp.asarray(factor, jnp.float32)**passed
+  return jnp.asarray(base, jnp.float32) * jnp.asarray(factor, jnp.float32) ** passed
+
+
+def check_schedule_config(config) -> None:
+  """Raises ValueError for a schedule that cannot run."""
+  for name in ("batch_size", "epochs", "iters_per_epoch"):
+    if int(config[name]) <= 0:
+      raise ValueError(f"{name}={config[name]} must be positive.")
+  if config.total_steps < 0:
+    raise ValueError(f"total_steps={config.total_steps} must be >= 0 (0 = paper schedule).")
+  if config.eval_every_steps < 0:
+    raise ValueError(f"eval_every_steps={config.eval_every_steps} must be >= 0 (0 = every epoch).")

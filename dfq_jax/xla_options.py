@@ -2,11 +2,8 @@
 
 On CPU, XLA (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK fusions. For
 the small-channel 3x3 convolutions of CIFAR ResNets its kernels are slower than XLA's
-own (Eigen) ones: 1.5x on the forward and 1.7x on the weight gradient of a 16-channel
-32x32 conv at batch 200, and the whole AdaDFQ iteration on the 2-core CPU takes 5 %
-(batch 200) and 4 % (batch 16) less time with convolutions left to Eigen while dots and
-reductions stay with YNNPACK (README, speed section); a ResNet-20 forward for evaluation
-is 16 % faster (500 images: 242 vs 287 ms). `cpu_conv_kernels` selects this:
+own (Eigen) ones, on the training iteration and on evaluation alike (measured in the
+README's speed section). `cpu_conv_kernels` selects this:
 
   'eigen' (default): YNNPACK for dots and reductions only;
   'ynn': XLA's defaults (convolutions in YNNPACK too).
@@ -32,19 +29,24 @@ _EIGEN_CONVS = {_YNN_FLAG: "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIV
 
 def check_cpu_conv_kernels(value: str) -> None:
   if value not in CPU_CONV_KERNELS:
-    raise ValueError(f"cpu_conv_kernels={value!r} is unknown: use one of "
-                     f"{list(CPU_CONV_KERNELS)} (eigen = faster on small-channel CNNs).")
+    raise ValueError(
+      f"cpu_conv_kernels={value!r} is unknown: use one of "
+      f"{list(CPU_CONV_KERNELS)} (eigen = faster on small-channel CNNs)."
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _accepted(options: tuple) -> bool:
   """Whether this jaxlib accepts `options` (probe compile of a trivial function)."""
   try:
     jax.jit(lambda x: x + 1).lower(jnp.zeros(2)).compile(dict(options))
     return True
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("XLA rejects the compiler options %s (%s); using XLA's defaults.",
-                    dict(options), str(e).splitlines()[0][:200])
+  except Exception as e:
+    logging.warning(
+      "XLA rejects the compiler options %s (%s); using XLA's defaults.",
+      dict(options),
+      str(e).splitlines()[0][:200],
+    )
     return False
 
 

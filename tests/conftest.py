@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+for path in (ROOT, TESTS):  # the repository (configs/) and tests/ (shared helpers)
+  if path not in sys.path:
+    sys.path.insert(0, path)
 
 # A persistent XLA compilation cache shared by the test processes (and the subprocesses
 # they start): many tests compile the same tiny training step. Set before JAX compiles.
@@ -19,10 +21,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory):
   """A ResNet-8 trained for 3 epochs on the digits, saved as an orbax directory."""
-  from dfq_jax import demo
   from dfq_jax.models import convert, get_model
+  from dfq_jax.models.demo_teacher import train_teacher
+
   model = get_model("resnet8_cifar", num_classes=10)
-  variables = demo.train_teacher(model, seed=0, epochs=3)
+  variables = train_teacher(model, seed=0, epochs=3)
   path = str(tmp_path_factory.mktemp("teacher") / "resnet8_digits")
   convert.save_variables(variables, path)
   return path

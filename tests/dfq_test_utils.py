@@ -1,10 +1,11 @@
 """Helpers shared by the tests (a module of its own: `conftest` names collide)."""
 
 
-def tiny_config(teacher_dir, method="gdfq", **overrides):
+def tiny_config(teacher_dir, method="gdfq", parity=False, **overrides):
   """The demo config shrunk to a few steps of a small generator on 64 eval images."""
   from configs import demo as demo_config
-  c = demo_config.get_config(f"{method},w4a4")
+
+  c = demo_config.get_config(f"{method},w4a4" + (",parity" if parity else ""))
   c.teacher.layout = "orbax"
   c.teacher.weights = teacher_dir
   c.data.limit = 64
@@ -36,8 +37,8 @@ def load_config(name, arg=None):
   """`configs/<name>`'s get_config(arg), loaded by path as the CLI does."""
   import importlib.util
   import os
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "configs", name)
+
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", name)
   spec = importlib.util.spec_from_file_location(name[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -47,6 +48,7 @@ def load_config(name, arg=None):
 def assert_close_to_scale(a, b, rtol=1e-5):
   """Max |a - b| within `rtol` of max |b| (for values with entries near zero)."""
   import numpy as np
+
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   assert a.shape == b.shape
   scale = max(np.abs(b).max(), 1e-30)
@@ -57,6 +59,7 @@ def conv_inputs(b, h, w, ci, co, seed=0, out_scale=1):
   """x [b,h,w,ci], a 3x3 kernel, bias [co] and an output cotangent of side `out_scale` x."""
   import jax
   import numpy as np
+
   kx, kk, kb, kd = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(kx, (b, h, w, ci))
   kernel = jax.random.normal(kk, (3, 3, ci, co)) / np.sqrt(9 * ci)

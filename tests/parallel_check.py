@@ -21,13 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dfq_test_utils import tiny_config  # noqa: E402
+
 from dfq_jax import checkpoint as checkpoint_lib  # noqa: E402
-from dfq_jax import experiment, losses, trainer  # noqa: E402
+from dfq_jax import config_base, losses, networks, trainer  # noqa: E402
+from dfq_jax import step as step_lib  # noqa: E402
+from dfq_jax.models import teacher as teacher_lib  # noqa: E402
 
 
 def setup(teacher_dir, method, devices, **overrides):
   config = tiny_config(teacher_dir, method, batch_size=16, **overrides)
-  models = experiment.build_models(config, experiment.load_teacher(config))
+  models = networks.build_models(config, teacher_lib.load_teacher(config))
   t = trainer.setup_training(config, models, jax.devices()[:devices])
   return config, models, t.mesh, t.step_fn, t.state, t.teacher_vars, t.constants
 
@@ -47,9 +50,10 @@ def assert_trees_close(a, b, rtol, atol, what):
 
 def assert_scaled_close(a, b, rtol, what, per_leaf=True):
   """max |a - b| <= rtol * max |b| per leaf (or over the whole tree: `per_leaf=False`)."""
-  pairs = [(jax.tree_util.keystr(path), np.asarray(x, np.float64), np.asarray(y, np.float64))
-           for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0],
-                                   jax.tree.leaves(b))]
+  pairs = [
+    (jax.tree_util.keystr(path), np.asarray(x, np.float64), np.asarray(y, np.float64))
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b))
+  ]
   tree_scale = max(np.abs(y).max() for _, _, y in pairs)
   for name, x, y in pairs:
     scale = np.abs(y).max() if per_leaf else tree_scale
@@ -81,8 +85,13 @@ def check_global(teacher_dir):
       state8 = jax.device_put(start, replicated8)
       state1, m1 = step1(state1, teacher1, constants1, i >= 2, i < 2)
       state8, m8 = step8(state8, teacher8, constants8, i >= 2, i < 2)
-      assert_trees_close(jax.device_get(m1), jax.device_get(m8), 2e-5, 1e-6,
-                         f"{method} step {i} metrics 1 vs 8 devices")
+      assert_trees_close(
+        jax.device_get(m1),
+        jax.device_get(m8),
+        2e-5,
+        1e-6,
+        f"{method} step {i} metrics 1 vs 8 devices",
+      )
       s1, s8 = jax.device_get(state1), jax.device_get(state8)
       mu1, mu8 = s1["gen"]["opt"].mu, s8["gen"]["opt"].mu
       # The generator's gradient as a whole (relative l2): a (leaky) ReLU whose input is
@@ -100,15 +109,16 @@ def check_global(teacher_dir):
 
 def check_per_device(teacher_dir):
   config, models, mesh, step, state, teacher, constants = setup(
-      teacher_dir, "gdfq", 8, stats_scope="per_device")
-  gen_params = jax.device_get(state["gen"]["params"])   # before the step donates `state`
+    teacher_dir, "gdfq", 8, stats_scope="per_device"
+  )
+  gen_params = jax.device_get(state["gen"]["params"])  # before the step donates `state`
   _, history = run_steps(step, state, teacher, constants, 1)
   # Reference: the first step's z / labels, each device's 2-image shard on its own.
   key = jax.random.fold_in(jax.random.key(config.seed), 0)
-  z, labels = trainer.sample_latents(jax.random.split(key)[0], 16, models.latent_dim, 10)
+  z, labels = step_lib.sample_latents(jax.random.split(key)[0], 16, models.latent_dim, 10)
   bns, ce = [], []
   for d in range(8):
-    zs, ys = z[2 * d:2 * d + 2], labels[2 * d:2 * d + 2]
+    zs, ys = z[2 * d : 2 * d + 2], labels[2 * d : 2 * d + 2]
     images = models.generator.apply({"params": gen_params}, zs, ys)
     logits, upd = models.teacher.apply(models.teacher_vars, images, mutable=["bn_stats"])
     bns.append(losses.bn_stat_loss(upd["bn_stats"], models.teacher_vars["batch_stats"]))
@@ -138,21 +148,33 @@ def check_topology(teacher_dir):
       cont_dst, h_dst = run_steps(step_dst, restored, teacher_dst, const_dst, 2, start=3)
       for a, b in zip(h_src, h_dst):
         assert_trees_close(a, b, 2e-4, 2e-5, f"metrics after restoring {src} -> {dst}")
-      assert_trees_close(jax.device_get(cont_src["student"]), jax.device_get(cont_dst["student"]),
-                         1e-3, 1e-5, f"student after {src} -> {dst}")
+      assert_trees_close(
+        jax.device_get(cont_src["student"]),
+        jax.device_get(cont_dst["student"]),
+        1e-3,
+        1e-5,
+        f"student after {src} -> {dst}",
+      )
   print("topology OK")
 
 
 def check_ptq(teacher_dir):
-  from dfq_jax.ptq import synthesis  # pylint: disable=g-import-not-at-top
+  from dfq_jax.ptq import synthesis  # imported on use
+
   config = tiny_config(teacher_dir, "dsg_ptq")
-  models = experiment.build_models(config, experiment.load_teacher(config))
-  hp = synthesis.PtqHparams(**dict(synthesis.PRESETS["dsg_ptq"], steps=5, batch_size=16))
+  models = networks.build_models(config, teacher_lib.load_teacher(config))
+  hp = synthesis.PtqHparams(**dict(config_base.PTQ_PRESETS["dsg_ptq"], steps=5, batch_size=16))
   outs = []
   for devices in (1, 8):
-    synth = synthesis.make_synthesizer(hp, models.teacher, models.teacher_vars,
-                                       jax.random.key(0), models.image_shape, 10,
-                                       devices=jax.devices()[:devices])
+    synth = synthesis.make_synthesizer(
+      hp,
+      models.teacher,
+      models.teacher_vars,
+      jax.random.key(0),
+      models.image_shape,
+      10,
+      devices=jax.devices()[:devices],
+    )
     images, labels, last = synth.run_batch(jax.random.key(1))
     assert len(images.sharding.device_set) == devices, images.sharding
     outs.append((np.asarray(images), np.asarray(labels), last))

@@ -6,8 +6,8 @@ import stat
 
 import jax
 import pytest
-
 from dfq_test_utils import tiny_config
+
 from dfq_jax import run as run_lib
 
 
@@ -65,7 +65,9 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir
   assert os.path.isdir(os.path.join(workdir, "checkpoints.unreadable", "4"))
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ({"batch_size": 0}, "batch_size=0 must be positive"),
     ({"total_steps": -1}, "total_steps=-1"),
     ({"stats_scope": "node"}, "stats_scope"),
@@ -78,7 +80,8 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir
     ({"generator.dtype": "float16"}, "generator.dtype"),
     ({"generator.conv_impl": "fft"}, "generator.conv_impl"),
     ({"cpu_conv_kernels": "onednn"}, "cpu_conv_kernels"),
-])
+  ],
+)
 def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
   config = tiny_config(tiny_teacher_dir, "dsg", **override)
   with pytest.raises(Exception, match=message):
@@ -87,19 +90,21 @@ def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
 
 
 def test_batch_not_divisible_by_devices_message():
-  from dfq_jax import experiment
   from dfq_test_utils import load_config
+
   config = load_config("demo.py")
   config.batch_size = jax.device_count() * 3 + (1 if jax.device_count() > 1 else 0)
   if jax.device_count() == 1:
     pytest.skip("every batch divides one device (covered by the 8-device tests)")
   with pytest.raises(ValueError, match="not divisible"):
-    experiment.validate_config(config)
+    run_lib.validate_config(config)
 
 
 def test_full_disk_keeps_the_previous_results_file(tmp_path, monkeypatch):
   import errno
+
   from dfq_jax import metrics as metrics_lib
+
   path = tmp_path / "results.json"
   metrics_lib.write_json_atomic(str(path), {"final_top1": 50.0})
 
@@ -109,7 +114,7 @@ def test_full_disk_keeps_the_previous_results_file(tmp_path, monkeypatch):
   monkeypatch.setattr(metrics_lib.os, "replace", no_space)
   with pytest.raises(OSError, match="No space"):
     metrics_lib.write_json_atomic(str(path), {"final_top1": 99.0})
-  assert json.loads(path.read_text()) == {"final_top1": 50.0}   # old file intact
+  assert json.loads(path.read_text()) == {"final_top1": 50.0}  # old file intact
   assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp file left
 
 
@@ -118,30 +123,42 @@ def test_sigkill_at_an_arbitrary_point_then_resume_matches(tiny_teacher_dir, tmp
   import subprocess
   import sys
   import time
+
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
   def args(workdir):
-    return [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py:adadfq",
-            f"--workdir={workdir}", "--config.teacher.layout=orbax",
-            f"--config.teacher.weights={tiny_teacher_dir}", "--config.total_steps=60",
-            "--config.ckpt_every_steps=7", "--config.eval_every_steps=30",
-            "--config.log_every_steps=1", "--config.generator.width=16",
-            "--config.batch_size=8", "--config.data.limit=64", "--config.sample_every_steps=0",
-            "--config.min_phase_steps=10"]
+    return [
+      sys.executable,
+      "-m",
+      "dfq_jax.main",
+      "--config=configs/demo.py:adadfq",
+      f"--workdir={workdir}",
+      "--config.teacher.layout=orbax",
+      f"--config.teacher.weights={tiny_teacher_dir}",
+      "--config.total_steps=60",
+      "--config.ckpt_every_steps=7",
+      "--config.eval_every_steps=30",
+      "--config.log_every_steps=1",
+      "--config.generator.width=16",
+      "--config.batch_size=8",
+      "--config.data.limit=64",
+      "--config.sample_every_steps=0",
+      "--config.min_phase_steps=10",
+    ]
 
-  ref = subprocess.run(args(tmp_path / "ref"), cwd=root, capture_output=True, text=True,
-                       timeout=600)
+  ref = subprocess.run(
+    args(tmp_path / "ref"), cwd=root, capture_output=True, text=True, timeout=600
+  )
   assert ref.returncode == 0, ref.stderr[-2000:]
   cut = tmp_path / "cut"
-  proc = subprocess.Popen(args(cut), cwd=root, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(args(cut), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = cut / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
     if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
       break
     time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)   # no handler can run: mid-step or mid-checkpoint
+  proc.send_signal(signal.SIGKILL)  # no handler can run: mid-step or mid-checkpoint
   proc.wait(timeout=60)
   assert not (cut / "results.json").exists()
   again = subprocess.run(args(cut), cwd=root, capture_output=True, text=True, timeout=600)

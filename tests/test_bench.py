@@ -12,10 +12,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_speed_prints_one_json_line_with_flops():
   proc = subprocess.run(
-      [sys.executable, "-m", "dfq_jax.bench", "speed", "--config=configs/demo.py:adadfq",
-       "--batch=8", "--steps=2", "--warmup=1", "--config.generator.width=16"],
-      capture_output=True, text=True, cwd=ROOT, timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.bench",
+      "speed",
+      "--config=configs/demo.py:adadfq",
+      "--batch=8",
+      "--steps=2",
+      "--warmup=1",
+      "--config.generator.width=16",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=600,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   row = json.loads(proc.stdout.strip().splitlines()[-1])
   assert row["method"] == "adadfq" and row["batch"] == 8 and row["timed_steps"] == 2
@@ -26,9 +39,10 @@ def test_speed_prints_one_json_line_with_flops():
 
 def test_accuracy_grid_writes_tables(tiny_teacher_dir, tmp_path):
   from dfq_test_utils import tiny_config
+
   from dfq_jax import bench
-  config = tiny_config(tiny_teacher_dir, total_steps=4, eval_every_steps=4,
-                       sample_every_steps=0)
+
+  config = tiny_config(tiny_teacher_dir, total_steps=4, eval_every_steps=4, sample_every_steps=0)
   table = bench.accuracy(config, ["gdfq"], ["w3a3"], 4, 2, str(tmp_path))
   assert set(table) == {"gdfq,w3a3"}
   cell = table["gdfq,w3a3"]
@@ -40,10 +54,11 @@ def test_accuracy_grid_writes_tables(tiny_teacher_dir, tmp_path):
 
 def test_accuracy_grid_reads_finished_cells_back(tiny_teacher_dir, tmp_path, monkeypatch):
   from dfq_test_utils import tiny_config
+
   from dfq_jax import bench
   from dfq_jax import run as run_lib
-  config = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2,
-                       sample_every_steps=0)
+
+  config = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2, sample_every_steps=0)
   first = bench.accuracy(config, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
 
   def no_rerun(*args, **kwargs):
@@ -53,36 +68,68 @@ def test_accuracy_grid_reads_finished_cells_back(tiny_teacher_dir, tmp_path, mon
   again = bench.accuracy(config, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
   assert again == first
   # Another config in the same directory is refused, not mixed in.
-  other = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2,
-                      sample_every_steps=0, **{"student.lr": 0.5})
+  other = tiny_config(
+    tiny_teacher_dir, total_steps=2, eval_every_steps=2, sample_every_steps=0, **{"student.lr": 0.5}
+  )
   with pytest.raises(run_lib.WorkdirConflictError):
     bench.accuracy(other, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
 
 
 def test_curves_draws_top1_against_iterations(tmp_path):
   from PIL import Image
+
   runs = []
   for name, values in (("a", [50.0, 60.5]), ("b", [40.0, 45.0, 70.25])):
     d = tmp_path / name
     d.mkdir()
     rows = [{"step": 500 * (i + 1), "eval/top1": v} for i, v in enumerate(values)]
-    rows.insert(1, {"step": 600, "generator/loss": 1.0})          # a training row: ignored
+    rows.insert(1, {"step": 600, "generator/loss": 1.0})  # a training row: ignored
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     runs.append(str(d))
-  (tmp_path / "a" / "results.json").write_text(json.dumps({"fp_top1": 81.03,
-                                                           "quant_top1_before": 31.2}))
+  (tmp_path / "a" / "results.json").write_text(
+    json.dumps({"fp_top1": 81.03, "quant_top1_before": 31.2})
+  )
   out = tmp_path / "plot" / "curves.png"
-  proc = subprocess.run([sys.executable, "-m", "dfq_jax.bench", "curves",
-                         f"--runs={','.join(runs)}", "--labels=A,B", f"--out={out}"],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.bench",
+      "curves",
+      f"--runs={','.join(runs)}",
+      "--labels=A,B",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert rows[0] == {"run": "A", "steps": [500, 1000], "top1": [50.0, 60.5],
-                     "fp_top1": 81.03, "floor_top1": 31.2}
+  assert rows[0] == {
+    "run": "A",
+    "steps": [500, 1000],
+    "top1": [50.0, 60.5],
+    "fp_top1": 81.03,
+    "floor_top1": 31.2,
+  }
   assert rows[1]["steps"] == [500, 1000, 1500] and rows[1]["fp_top1"] is None
   with Image.open(out) as img:
     assert img.size == (800, 480)
-  bad = subprocess.run([sys.executable, "-m", "dfq_jax.bench", "curves", f"--runs={runs[0]}",
-                        "--labels=A,B", f"--out={out}"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.bench",
+      "curves",
+      f"--runs={runs[0]}",
+      "--labels=A,B",
+      f"--out={out}",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert bad.returncode != 0 and "--labels has 2 names for 1 runs" in bad.stderr

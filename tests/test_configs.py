@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from dfq_jax import experiment
 from dfq_jax.quant import QuantPolicy
+from dfq_jax.quant.config import parse_rules, policy_from_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -16,6 +16,7 @@ CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 def _load(path, arg):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -23,14 +24,15 @@ def _load(path, arg):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-@pytest.mark.parametrize("arg", ["gdfq,w4a4", "dsg,w3a3", "adadfq,w5a5", "eval,w8a8",
-                                 "adadfq,w4a4,parity"])
+@pytest.mark.parametrize(
+  "arg", ["gdfq,w4a4", "dsg,w3a3", "adadfq,w5a5", "eval,w8a8", "adadfq,w4a4,parity"]
+)
 def test_config_files_load(path, arg):
   c = _load(path, arg)
   method, bits = arg.split(",")[:2]
   assert c.method == method
   assert f"w{c.quant.w_bits}a{c.quant.a_bits}" == bits
-  assert isinstance(experiment.quant_policy(c), QuantPolicy)
+  assert isinstance(policy_from_config(c), QuantPolicy)
   assert c.parity == arg.endswith("parity")
 
 
@@ -49,37 +51,59 @@ def test_bad_config_arguments(arg):
   if arg.startswith("w9") or arg.startswith("w1"):
     c = _load(path, arg)
     with pytest.raises(ValueError, match="not supported"):
-      experiment.quant_policy(c)
+      policy_from_config(c)
   else:
     with pytest.raises(ValueError, match="unknown"):
       _load(path, arg)
 
 
 def test_quant_rules_parse():
-  assert experiment.parse_rules("conv1=w8; linear=w8a8;act=afp") == (
-      ("conv1", 8, None), ("linear", 8, 8), ("act", None, 32))
+  assert parse_rules("conv1=w8; linear=w8a8;act=afp") == (
+    ("conv1", 8, None),
+    ("linear", 8, 8),
+    ("act", None, 32),
+  )
   for bad in ("conv1", "conv1=x8", "conv1="):
     with pytest.raises(ValueError, match="quant rule"):
-      experiment.parse_rules(bad)
+      parse_rules(bad)
 
 
 def _cli(tmp_path, *args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "dfq_jax.main", *args,
-                         f"--workdir={tmp_path / 'w'}"], capture_output=True, text=True,
-                        cwd=ROOT, env=env, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "dfq_jax.main", *args, f"--workdir={tmp_path / 'w'}"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--config=configs/cifar10_resnet20.py:sgd"], "config argument 'sgd' is unknown"),
-    (["--config=configs/cifar10_resnet20.py:eval,w9a9",
-      "--config.teacher.weights=/nonexistent.th"], "w_bits=9 is not supported"),
-    (["--config=configs/cifar10_resnet20.py:eval", "--config.teacher.weights=/nonexistent.th",
-      "--config.data.root=."], "does not exist"),
+    (
+      [
+        "--config=configs/cifar10_resnet20.py:eval,w9a9",
+        "--config.teacher.weights=/nonexistent.th",
+      ],
+      "w_bits=9 is not supported",
+    ),
+    (
+      [
+        "--config=configs/cifar10_resnet20.py:eval",
+        "--config.teacher.weights=/nonexistent.th",
+        "--config.data.root=.",
+      ],
+      "does not exist",
+    ),
     (["--config=configs/cifar10_resnet20.py:eval"], "teacher.weights is empty"),
     (["--config=configs/demo.py", "--config.no_such_key=1"], "no_such_key"),
     (["--config=configs/demo.py", "--config.quant.range_mode=foo"], "range_mode"),
-])
+  ],
+)
 def test_cli_rejects_bad_input_before_work(tmp_path, args, message):
   proc = _cli(tmp_path, *args)
   # One `error:` line naming the problem, exit code 2, no traceback.

@@ -15,8 +15,7 @@ N = 23  # not a multiple of the batch size
 
 def _data():
   """Image i has all pixels equal to i (i < 256), so a model can read back the index."""
-  images = np.broadcast_to(np.arange(N, dtype=np.uint8)[:, None, None, None],
-                           (N, 4, 4, 3)).copy()
+  images = np.broadcast_to(np.arange(N, dtype=np.uint8)[:, None, None, None], (N, 4, 4, 3)).copy()
   labels = (np.arange(N) * 7 % C).astype(np.int32)
   return images, labels
 
@@ -38,6 +37,7 @@ def _lookup_model(ranking, traces=None):
       traces.append(x.shape)
     idx = jnp.round(x[:, 0, 0, 0]).astype(jnp.int32)
     return table[idx]
+
   return f
 
 
@@ -67,8 +67,15 @@ def test_top1_top5_agreement_and_padding():
   t5b = t1b | (rng.random(N) < 0.5)
   ra, rb = _rankings(labels, rng, t1a, t5a), _rankings(labels, rng, t1b, t5b)
   traces_a, traces_b = [], []
-  res = evaluate([_lookup_model(ra, traces_a), _lookup_model(rb, traces_b)], images, labels,
-                 MEAN, STD, batch_size=5, names=["fp", "w4a4"])
+  res = evaluate(
+    [_lookup_model(ra, traces_a), _lookup_model(rb, traces_b)],
+    images,
+    labels,
+    MEAN,
+    STD,
+    batch_size=5,
+    names=["fp", "w4a4"],
+  )
   assert isinstance(res, EvalResults)
   assert res.n == N and res.num_classes == C and res.topk == 5 and res.names == ("fp", "w4a4")
   np.testing.assert_array_equal(res.predictions[0], ra[:, 0])
@@ -106,8 +113,9 @@ def test_pair_form_and_normalisation_on_device():
 
   w = jnp.asarray(np.random.default_rng(3).normal(size=(3, C)).astype(np.float32))
   labels = np.zeros(7, np.int32)
-  res = evaluate((apply, {"w": w}), images, labels, IMAGENET_NORM.mean, IMAGENET_NORM.std,
-                 batch_size=7)
+  res = evaluate(
+    (apply, {"w": w}), images, labels, IMAGENET_NORM.mean, IMAGENET_NORM.std, batch_size=7
+  )
   x = normalize(images, IMAGENET_NORM.mean, IMAGENET_NORM.std)
   want = np.argmax(x.mean(axis=(1, 2)) @ np.asarray(w), axis=1)
   np.testing.assert_array_equal(res.predictions[0], want)
@@ -153,6 +161,7 @@ def test_topk_with_few_classes_and_dataset_wrapper():
 
   def model(x):
     return jnp.tile(jnp.array([[3.0, 2.0, 1.0]]), (x.shape[0], 1))
+
   res = evaluate_dataset(model, ds, "cifar10", batch_size=4)
   assert res.topk == 3 and res.top5[0] == 1.0
   assert res.top1[0] == pytest.approx(2 / 6)
@@ -163,11 +172,13 @@ def test_resnet_on_real_images():
   both model forms agree with a direct jitted forward pass."""
   import os
   from pathlib import Path
+
   root = Path(os.environ.get("DFQ_CIFAR10_JPEG", "/work/shared/data/cifar10-jpeg"))
   if not (root / "test").is_dir():
     pytest.skip("shared CIFAR-10 JPEGs not available")
   from dfq_jax.data import load_image_folder
   from dfq_jax.models.resnet_cifar import ResNetCifar
+
   ds = load_image_folder(root, "test", limit=100)
   model = ResNetCifar(depth=8)
   # model.init compiles the random initialisers (~15 s on the 2-core box): shapes only,
@@ -182,9 +193,14 @@ def test_resnet_on_real_images():
     if "'mean'" in name or "'bias'" in name:
       return jnp.zeros(s.shape, s.dtype)
     return jnp.asarray(rng.normal(0.0, 0.2, s.shape).astype(np.float32))
+
   variables = jax.tree_util.tree_map_with_path(fill, shapes)
-  res = evaluate_dataset([(model.apply, variables), lambda x: model.apply(variables, x)], ds,
-                         "akamaster_resnet20", batch_size=64)
+  res = evaluate_dataset(
+    [(model.apply, variables), lambda x: model.apply(variables, x)],
+    ds,
+    "akamaster_resnet20",
+    batch_size=64,
+  )
   x = normalize(ds.images, IMAGENET_NORM.mean, IMAGENET_NORM.std)
   want = np.argmax(np.asarray(jax.jit(model.apply)(variables, x)), axis=1)
   assert np.mean(res.predictions[0] == want) >= 0.99  # float reassociation may flip a tie
@@ -194,6 +210,7 @@ def test_resnet_on_real_images():
 def test_host_sharded_counts_combine_to_the_single_host_result():
   """Two simulated hosts, each evaluating images[p::2], sum to the full evaluation."""
   from dfq_jax.evaluate import combine_host_counts, evaluate, host_counts
+
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (37, 4, 4, 3), dtype=np.uint8)
   labels = rng.integers(0, 7, 37).astype(np.int32)
@@ -203,10 +220,15 @@ def test_host_sharded_counts_combine_to_the_single_host_result():
   names = ("a", "b")
   mean, std = (0.5,) * 3, (0.25,) * 3
   full = evaluate([model_a, model_b], images, labels, mean, std, 8, num_classes=7, names=names)
-  parts = [evaluate([model_a, model_b], images[p::2], labels[p::2], mean, std, 8,
-                    num_classes=7, names=names) for p in range(2)]
-  combined = combine_host_counts(np.stack([host_counts(r) for r in parts]), names, 7,
-                                 full.topk, 0.0)
+  parts = [
+    evaluate(
+      [model_a, model_b], images[p::2], labels[p::2], mean, std, 8, num_classes=7, names=names
+    )
+    for p in range(2)
+  ]
+  combined = combine_host_counts(
+    np.stack([host_counts(r) for r in parts]), names, 7, full.topk, 0.0
+  )
   assert combined.n == 37
   np.testing.assert_array_equal(combined.correct1, full.correct1)
   np.testing.assert_array_equal(combined.correct5, full.correct5)
@@ -218,9 +240,9 @@ def test_compiler_options_are_accepted_and_keep_predictions():
   """Evaluation jitted with the Eigen-convolution option gives the same predictions."""
   from dfq_jax import xla_options
   from dfq_jax.models import get_model
+
   model = get_model("resnet8_cifar", num_classes=10)
-  images = np.asarray(jax.random.randint(jax.random.key(0), (24, 32, 32, 3), 0, 256),
-                      np.uint8)
+  images = np.asarray(jax.random.randint(jax.random.key(0), (24, 32, 32, 3), 0, 256), np.uint8)
   labels = np.arange(24) % 10
   variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
   spec = (model.apply, variables)

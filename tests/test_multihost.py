@@ -14,25 +14,39 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _args(teacher_dir, workdir):
-  return [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py:gdfq,w4a4",
-          f"--workdir={workdir}", "--config.teacher.layout=orbax",
-          f"--config.teacher.weights={teacher_dir}", "--config.total_steps=8",
-          "--config.min_phase_steps=2", "--config.eval_every_steps=4",
-          "--config.ckpt_every_steps=4", "--config.sample_every_steps=4",
-          "--config.log_every_steps=1", "--config.generator.width=16",
-          "--config.batch_size=8", "--config.data.limit=64"]
+  return [
+    sys.executable,
+    "-m",
+    "dfq_jax.main",
+    "--config=configs/demo.py:gdfq,w4a4",
+    f"--workdir={workdir}",
+    "--config.teacher.layout=orbax",
+    f"--config.teacher.weights={teacher_dir}",
+    "--config.total_steps=8",
+    "--config.min_phase_steps=2",
+    "--config.eval_every_steps=4",
+    "--config.ckpt_every_steps=4",
+    "--config.sample_every_steps=4",
+    "--config.log_every_steps=1",
+    "--config.generator.width=16",
+    "--config.batch_size=8",
+    "--config.data.limit=64",
+  ]
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)   # no cache shared between the layouts
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no cache shared between the layouts
   return env
 
 
@@ -49,24 +63,35 @@ def _rows(workdir):
 
 def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   one = tmp_path / "one"
-  proc = subprocess.run(_args(tiny_teacher_dir, one), cwd=ROOT, env=_env(4),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    _args(tiny_teacher_dir, one), cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   two = tmp_path / "two"
   port = _free_port()
-  procs = [subprocess.Popen(_args(tiny_teacher_dir, two) + [
-      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _args(tiny_teacher_dir, two)
+      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=600) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   # Process 0 prints the results; process 1 works silently.
   assert "after gdfq (final)" in outs[0][0] and "after gdfq" not in outs[1][0]
 
-  a, b = json.loads((one / "results.json").read_text()), json.loads(
-      (two / "results.json").read_text())
+  a, b = (
+    json.loads((one / "results.json").read_text()),
+    json.loads((two / "results.json").read_text()),
+  )
   for key in ("fp_top1", "quant_top1_before", "final_top1", "best_top1", "steps"):
     assert a[key] == b[key], key
   ra, rb = _rows(one), _rows(two)
@@ -74,8 +99,9 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   for x, y in zip(ra, rb):
     for key in x:
       if key != "images_per_s":
-        np.testing.assert_allclose(y[key], x[key], rtol=1e-4, atol=1e-6,
-                                   err_msg=f"step {x['step']} {key}")
+        np.testing.assert_allclose(
+          y[key], x[key], rtol=1e-4, atol=1e-6, err_msg=f"step {x['step']} {key}"
+        )
   assert sorted(os.listdir(two / "samples")) == ["step_0000004.png", "step_0000008.png"]
   assert (two / "curves.png").exists() and (two / "checkpoints").is_dir()
 
@@ -84,8 +110,14 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   shutil.copytree(two, resumed)
   shutil.rmtree(resumed / "checkpoints" / "8")
   (resumed / "results.json").unlink()
-  proc = subprocess.run(_args(tiny_teacher_dir, resumed), cwd=ROOT, env=_env(4),
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run(
+    _args(tiny_teacher_dir, resumed),
+    cwd=ROOT,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Resumed from" in proc.stdout and "at step 4" in proc.stdout
   c = json.loads((resumed / "results.json").read_text())
@@ -94,25 +126,44 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   for x, y in zip(_rows(two), _rows(resumed)):
     for key in x:
       if key != "images_per_s":
-        np.testing.assert_allclose(y[key], x[key], rtol=1e-4, atol=1e-6,
-                                   err_msg=f"resumed step {x['step']} {key}")
+        np.testing.assert_allclose(
+          y[key], x[key], rtol=1e-4, atol=1e-6, err_msg=f"resumed step {x['step']} {key}"
+        )
 
 
 def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
   def args(workdir):
-    return [sys.executable, "-m", "dfq_jax.main", "--config=configs/demo.py:dsg_ptq,w4a4",
-            f"--workdir={workdir}", "--config.teacher.layout=orbax",
-            f"--config.teacher.weights={tiny_teacher_dir}", "--config.ptq.steps=5",
-            "--config.ptq.batch_size=16", "--config.data.limit=64", "--config.calib.split=test"]
+    return [
+      sys.executable,
+      "-m",
+      "dfq_jax.main",
+      "--config=configs/demo.py:dsg_ptq,w4a4",
+      f"--workdir={workdir}",
+      "--config.teacher.layout=orbax",
+      f"--config.teacher.weights={tiny_teacher_dir}",
+      "--config.ptq.steps=5",
+      "--config.ptq.batch_size=16",
+      "--config.data.limit=64",
+      "--config.calib.split=test",
+    ]
 
-  proc = subprocess.run(args(tmp_path / "one"), cwd=ROOT, env=_env(4), capture_output=True,
-                        text=True, timeout=600)
+  proc = subprocess.run(
+    args(tmp_path / "one"), cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   port = _free_port()
-  procs = [subprocess.Popen(args(tmp_path / "two") + [
-      f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      args(tmp_path / "two")
+      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]

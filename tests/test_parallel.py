@@ -13,15 +13,20 @@ ROOT = os.path.dirname(HERE)
 
 
 def _env(devices):
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
 
 
 @pytest.mark.parametrize("check", ["global", "per_device", "topology", "ptq"])
 def test_multi_device(tiny_teacher_dir, check):
-  proc = subprocess.run([sys.executable, os.path.join(HERE, "parallel_check.py"),
-                         tiny_teacher_dir, check], capture_output=True, text=True,
-                        env=_env(8), timeout=900)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(HERE, "parallel_check.py"), tiny_teacher_dir, check],
+    capture_output=True,
+    text=True,
+    env=_env(8),
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"{check} OK" in proc.stdout
 
@@ -29,11 +34,28 @@ def test_multi_device(tiny_teacher_dir, check):
 def test_local_launcher_runs_demo_on_8_devices(tmp_path):
   workdir = tmp_path / "local"
   proc = subprocess.run(
-      ["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), "--devices", "8", "--",
-       "--config", "configs/demo.py", f"--workdir={workdir}", "--config.total_steps=4",
-       "--config.min_phase_steps=2", "--config.eval_every_steps=4",
-       "--config.generator.width=16", "--config.batch_size=16", "--config.data.limit=64"],
-      capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=900)
+    [
+      "bash",
+      os.path.join(ROOT, "launch", "local_cpu.sh"),
+      "--devices",
+      "8",
+      "--",
+      "--config",
+      "configs/demo.py",
+      f"--workdir={workdir}",
+      "--config.total_steps=4",
+      "--config.min_phase_steps=2",
+      "--config.eval_every_steps=4",
+      "--config.generator.width=16",
+      "--config.batch_size=16",
+      "--config.data.limit=64",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ),
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "8 device(s)" in proc.stdout + proc.stderr
   with open(workdir / "results.json") as f:
@@ -42,12 +64,20 @@ def test_local_launcher_runs_demo_on_8_devices(tmp_path):
 
 
 def test_local_launcher_rejects_bad_arguments():
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), "--devices"],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "local_cpu.sh"), "--devices"],
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 2 and "--devices needs a number" in proc.stderr
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_run.sh"), "x"],
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "tpu_run.sh"), "x"], capture_output=True, text=True
+  )
   assert proc.returncode == 2 and "usage" in proc.stderr
-  proc = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch")],
-                        capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "launch", "slurm_gpu.sbatch")],
+    capture_output=True,
+    text=True,
+    env={"PATH": os.environ["PATH"]},
+  )
   assert proc.returncode != 0 and "set CONFIG" in proc.stderr

@@ -45,7 +45,10 @@ torch = pytest.importorskip("torch")
 
 import torch_loops  # noqa: E402  (tests/ is on sys.path)
 from dfq_test_utils import tiny_config  # noqa: E402
-from dfq_jax import experiment, losses, schedule, trainer  # noqa: E402
+
+from dfq_jax import losses, networks, trainer  # noqa: E402
+from dfq_jax import step as step_lib  # noqa: E402
+from dfq_jax.models import teacher as teacher_lib  # noqa: E402
 from dfq_jax.reference import torch_adadfq as ref  # noqa: E402
 
 ITERATIONS = 5
@@ -54,47 +57,78 @@ BIASES_BEFORE_TRAIN_BN = ("l1", "conv1", "conv2")
 SETTLED_BETA_T = np.float32(0.9) ** 200
 
 
-def _config(teacher_dir, method, **overrides):
-  values = {"parity": True, "epochs": ITERATIONS, "iters_per_epoch": 1, "total_steps": 0,
-            "warmup_epochs": 1, "range_update_epochs": 2, "min_phase_steps": 0,
-            "generator.milestones": (3, 4), "student.milestones": (3, 4)}
+def _config(teacher_dir, method, parity=True, **overrides):
+  values = {
+    "epochs": ITERATIONS,
+    "iters_per_epoch": 1,
+    "total_steps": 0,
+    "warmup_epochs": 1,
+    "range_update_epochs": 2,
+    "min_phase_steps": 0,
+    "generator.milestones": (3, 4),
+    "student.milestones": (3, 4),
+  }
   values.update(overrides)
-  return tiny_config(teacher_dir, method, **values)
+  return tiny_config(teacher_dir, method, parity=parity, **values)
 
 
 def _calibrated_ranges(models, state, teacher_vars, z, labels):
   """One min/max range per QuantAct from the initial generator's images, EMA settled."""
   images = models.generator.apply({"params": state["gen"]["params"]}, z, labels)
-  variables = {"params": teacher_vars["params"], "batch_stats": teacher_vars["batch_stats"],
-               "quant_stats": state["student"]["quant_stats"]}
+  variables = {
+    "params": teacher_vars["params"],
+    "batch_stats": teacher_vars["batch_stats"],
+    "quant_stats": state["student"]["quant_stats"],
+  }
   _, upd = models.student.apply(variables, images, mutable=["quant_stats"])  # x = batch min/max
   return jax.tree.map(lambda a: a, upd["quant_stats"]), images
 
 
 def _hparams(config, constants, num_classes):
-  hp = {"lr_g": config.generator.lr, "lr_q": config.student.lr,
-        "betas": (config.generator.b1, config.generator.b2),
-        "momentum": config.student.momentum, "weight_decay": config.student.weight_decay,
-        "milestones_g": config.generator.milestones, "milestones_q": config.student.milestones,
-        "warmup_epochs": config.warmup_epochs, "range_epochs": config.range_update_epochs}
+  hp = {
+    "lr_g": config.generator.lr,
+    "lr_q": config.student.lr,
+    "betas": (config.generator.b1, config.generator.b2),
+    "momentum": config.student.momentum,
+    "weight_decay": config.student.weight_decay,
+    "milestones_g": config.generator.milestones,
+    "milestones_q": config.student.milestones,
+    "warmup_epochs": config.warmup_epochs,
+    "range_epochs": config.range_update_epochs,
+  }
   if config.method == "adadfq":
     a = config.adadfq
-    hp.update(lambda_l=a.lambda_l, lambda_u=a.lambda_u, alpha_ds=a.alpha_ds,
-              alpha_as=a.alpha_as, beta=a.beta, gamma=a.gamma, temperature=a.temperature)
+    hp.update(
+      lambda_l=a.lambda_l,
+      lambda_u=a.lambda_u,
+      alpha_ds=a.alpha_ds,
+      alpha_as=a.alpha_as,
+      beta=a.beta,
+      gamma=a.gamma,
+      temperature=a.temperature,
+    )
   else:
-    hp.update(bns_weight=config.gdfq.bns_weight, temperature=config.gdfq.kd_temperature,
-              alpha=config.gdfq.kd_alpha, sda_weight=config.dsg.sda_weight)
-  if config.method == "dsg":   # the m.npy / n.npy the code loads: ours, from the spec's recipe
-    hp["margins"] = [(float(node["mean"]), float(node["var"]))
-                     for _, node in losses.layer_items(jax.device_get(constants["margins"]))]
+    hp.update(
+      bns_weight=config.gdfq.bns_weight,
+      temperature=config.gdfq.kd_temperature,
+      alpha=config.gdfq.kd_alpha,
+      sda_weight=config.dsg.sda_weight,
+    )
+  if config.method == "dsg":  # the m.npy / n.npy the code loads: ours, from the spec's recipe
+    hp["margins"] = [
+      (float(node["mean"]), float(node["var"]))
+      for _, node in losses.layer_items(jax.device_get(constants["margins"]))
+    ]
   return hp
 
 
 def _assert_tree_close(jax_tree, torch_tree, what, skip=()):
-  flat_j = {jax.tree_util.keystr(k): v for k, v in
-            jax.tree_util.tree_flatten_with_path(jax_tree)[0]}
-  flat_t = {jax.tree_util.keystr(k): v for k, v in
-            jax.tree_util.tree_flatten_with_path(torch_tree)[0]}
+  flat_j = {
+    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(jax_tree)[0]
+  }
+  flat_t = {
+    jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(torch_tree)[0]
+  }
   assert set(flat_j) == set(flat_t), (what, set(flat_j) ^ set(flat_t))
   for key, a in flat_j.items():
     if any(f"['{s}']['bias']" == key for s in skip):
@@ -108,11 +142,16 @@ def run_both(teacher_dir, method, **overrides):
   """Runs ITERATIONS iterations of the JAX step and of the torch loop; yields per-iteration
   (jax metrics, torch losses, jax state, torch loop)."""
   config = _config(teacher_dir, method, **overrides)
-  models = experiment.build_models(config, experiment.load_teacher(config))
+  models = networks.build_models(config, teacher_lib.load_teacher(config))
   setup = trainer.setup_training(config, models)
   timeline = setup.timeline
   assert [timeline.phase(i) for i in range(ITERATIONS)] == [
-      (False, True), (True, True), (True, False), (True, False), (True, False)]
+    (False, True),
+    (True, True),
+    (True, False),
+    (True, False),
+    (True, False),
+  ]
   assert timeline.student_milestones == (3, 4)
   state = jax.device_get(setup.state)
   teacher_vars = jax.device_get(models.teacher_vars)
@@ -120,8 +159,9 @@ def run_both(teacher_dir, method, **overrides):
   def latents(step):
     key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
     k_latent, k_loss = jax.random.split(key)
-    z, labels = trainer.sample_latents(k_latent, config.batch_size, models.latent_dim,
-                                       models.num_classes)
+    z, labels = step_lib.sample_latents(
+      k_latent, config.batch_size, models.latent_dim, models.num_classes
+    )
     return z, labels, k_loss
 
   z0, y0, _ = latents(0)
@@ -134,16 +174,28 @@ def run_both(teacher_dir, method, **overrides):
   torch.manual_seed(0)
   teacher = torch_loops.load_resnet(ref.ResNet20(models.num_classes, depth=8), teacher_vars)
   generator = torch_loops.load_generator(
-      ref.Generator(models.num_classes, models.latent_dim, config.image_size,
-                    config.channels, width=config.generator.width), state["gen"]["params"])
-  loop = torch_loops.OriginalLoop(method, teacher, generator,
-                                  (config.quant.w_bits, config.quant.a_bits),
-                                  _hparams(config, setup.constants, models.num_classes))
+    ref.Generator(
+      models.num_classes,
+      models.latent_dim,
+      config.image_size,
+      config.channels,
+      width=config.generator.width,
+    ),
+    state["gen"]["params"],
+  )
+  loop = torch_loops.OriginalLoop(
+    method,
+    teacher,
+    generator,
+    (config.quant.w_bits, config.quant.a_bits),
+    _hparams(config, setup.constants, models.num_classes),
+  )
   torch_loops.load_ranges(loop.student, quant_stats)
   # The starting points are equal.
   _assert_tree_close(state["gen"]["params"], torch_loops.generator_arrays(loop.generator), "G0")
-  _assert_tree_close(state["student"]["params"],
-                     torch_loops.resnet_arrays(loop.student)["params"], "Q0")
+  _assert_tree_close(
+    state["student"]["params"], torch_loops.resnet_arrays(loop.student)["params"], "Q0"
+  )
 
   device_state = jax.device_put(state, setup.replicated)
   for step in range(ITERATIONS):
@@ -151,13 +203,16 @@ def run_both(teacher_dir, method, **overrides):
     noise = None
     if method == "dsg":
       shape = (config.batch_size, config.image_size, config.image_size, config.channels)
-      noise = torch.tensor(np.asarray(jax.random.normal(k_loss, shape, jnp.float32))
-                           ).permute(0, 3, 1, 2)
-    device_state, metrics = setup.step_fn(device_state, setup.teacher_vars, setup.constants,
-                                          *timeline.phase(step))
+      noise = torch.tensor(np.asarray(jax.random.normal(k_loss, shape, jnp.float32))).permute(
+        0, 3, 1, 2
+      )
+    device_state, metrics = setup.step_fn(
+      device_state, setup.teacher_vars, setup.constants, *timeline.phase(step)
+    )
     metrics = jax.device_get(metrics)
-    torch_losses = loop.iteration(step, torch.tensor(np.asarray(z)),
-                                  torch.tensor(np.asarray(labels), dtype=torch.long), noise)
+    torch_losses = loop.iteration(
+      step, torch.tensor(np.asarray(z)), torch.tensor(np.asarray(labels), dtype=torch.long), noise
+    )
     host_state = jax.device_get(device_state)
     yield step, metrics, torch_losses, host_state, loop
     # The next iteration starts from a common point: the torch parameters are set to the
@@ -167,8 +222,13 @@ def run_both(teacher_dir, method, **overrides):
     # optimizer states are NOT synchronised: momentum and Adam moments carry each
     # implementation's own history, so their wiring across iterations is still tested.
     torch_loops.load_generator(loop.generator, host_state["gen"]["params"])
-    torch_loops.load_resnet(loop.student, {"params": host_state["student"]["params"],
-                                           "batch_stats": host_state["student"]["batch_stats"]})
+    torch_loops.load_resnet(
+      loop.student,
+      {
+        "params": host_state["student"]["params"],
+        "batch_stats": host_state["student"]["batch_stats"],
+      },
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -193,45 +253,63 @@ def _check_iteration(step, metrics, torch_losses, state, loop, skip_terms=()):
       continue
     if key in ABSOLUTE_TERMS:
       assert abs(float(metrics[key]) - value) <= ABSOLUTE_TERMS[key], (
-          f"iteration {step}: {key} {float(metrics[key])} vs {value}")
+        f"iteration {step}: {key} {float(metrics[key])} vs {value}"
+      )
       continue
-    np.testing.assert_allclose(float(metrics[key]), value, rtol=RTOL, atol=1e-7,
-                               err_msg=f"iteration {step}: {key}")
-  _assert_tree_close(state["gen"]["params"], torch_loops.generator_arrays(loop.generator),
-                     f"iteration {step}: generator", skip=BIASES_BEFORE_TRAIN_BN)
-  _assert_tree_close(state["student"]["params"],
-                     torch_loops.resnet_arrays(loop.student)["params"],
-                     f"iteration {step}: student")
+    np.testing.assert_allclose(
+      float(metrics[key]), value, rtol=RTOL, atol=1e-7, err_msg=f"iteration {step}: {key}"
+    )
+  _assert_tree_close(
+    state["gen"]["params"],
+    torch_loops.generator_arrays(loop.generator),
+    f"iteration {step}: generator",
+    skip=BIASES_BEFORE_TRAIN_BN,
+  )
+  _assert_tree_close(
+    state["student"]["params"],
+    torch_loops.resnet_arrays(loop.student)["params"],
+    f"iteration {step}: student",
+  )
   jr, tr = state["student"]["quant_stats"], torch_loops.ranges_arrays(loop.student)
   for path in torch_loops.quant_acts(loop.student):
     a = torch_loops._get(jr, path)
     b = torch_loops._get(tr, path)
     for name in ("x_min", "x_max"):
-      np.testing.assert_allclose(a[name], b[name], rtol=RTOL, atol=1e-7,
-                                 err_msg=f"iteration {step}: range {path} {name}")
+      np.testing.assert_allclose(
+        a[name], b[name], rtol=RTOL, atol=1e-7, err_msg=f"iteration {step}: range {path} {name}"
+      )
 
 
-@pytest.mark.parametrize("method, overrides", [
+@pytest.mark.parametrize(
+  "method, overrides",
+  [
     ("gdfq", {}),
     ("dsg", {}),
     ("adadfq", {}),
-    ("adadfq", {"parity": False}),          # the fast default: shared forward once frozen
-])
+    ("adadfq", {"parity": False}),  # the fast default: shared forward once frozen
+  ],
+)
 def test_training_step_matches_the_original_loop(tiny_teacher_dir, method, overrides):
   ranges_seen = []
-  for step, metrics, torch_losses, state, loop in run_both(tiny_teacher_dir, method,
-                                                           **overrides):
+  for step, metrics, torch_losses, state, loop in run_both(tiny_teacher_dir, method, **overrides):
     # DSG's SCI term is logged only (zero gradient in the code and in parity); its value
     # depends on eigenvectors of near-degenerate spectra, computed by two LAPACK paths.
     skip = ("generator/sci", "generator/loss") if method == "dsg" else ()
     _check_iteration(step, metrics, torch_losses, state, loop, skip_terms=skip)
     if method == "dsg":
-      sci = float(metrics["generator/sci"]) / 7   # weight 1/L, L = 7 BN layers of ResNet-8
-      np.testing.assert_allclose(float(metrics["generator/loss"]) - sci,
-                                 torch_losses["generator/loss"] - torch_losses["generator/sci"] / 7,
-                                 rtol=RTOL, err_msg=f"iteration {step}: loss without SCI")
-      np.testing.assert_allclose(float(metrics["generator/sci"]), torch_losses["generator/sci"],
-                                 rtol=1e-3, err_msg=f"iteration {step}: SCI value")
+      sci = float(metrics["generator/sci"]) / 7  # weight 1/L, L = 7 BN layers of ResNet-8
+      np.testing.assert_allclose(
+        float(metrics["generator/loss"]) - sci,
+        torch_losses["generator/loss"] - torch_losses["generator/sci"] / 7,
+        rtol=RTOL,
+        err_msg=f"iteration {step}: loss without SCI",
+      )
+      np.testing.assert_allclose(
+        float(metrics["generator/sci"]),
+        torch_losses["generator/sci"],
+        rtol=1e-3,
+        err_msg=f"iteration {step}: SCI value",
+      )
     ranges_seen.append(copy.deepcopy(jax.device_get(state["student"]["quant_stats"])))
   # The ranges moved while they were updating and not after the freeze (iteration 2 on).
   x_max = [float(r["act1"]["x_max"]) for r in ranges_seen]
@@ -241,12 +319,13 @@ def test_training_step_matches_the_original_loop(tiny_teacher_dir, method, overr
 def test_adadfq_parity_setting_is_well_conditioned(tiny_teacher_dir):
   """The normalised entropy's denominator log C - min H stays far from 0 in this setting."""
   config = _config(tiny_teacher_dir, "adadfq")
-  models = experiment.build_models(config, experiment.load_teacher(config))
+  models = networks.build_models(config, teacher_lib.load_teacher(config))
   setup = trainer.setup_training(config, models)
   state = jax.device_get(setup.state)
   key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), 0)
-  z, labels = trainer.sample_latents(jax.random.split(key)[0], config.batch_size,
-                                     models.latent_dim, models.num_classes)
+  z, labels = step_lib.sample_latents(
+    jax.random.split(key)[0], config.batch_size, models.latent_dim, models.num_classes
+  )
   quant_stats, images = _calibrated_ranges(models, state, models.teacher_vars, z, labels)
   t = models.teacher.apply(models.teacher_vars, images)
   q = models.student.apply({**models.teacher_vars, "quant_stats": quant_stats}, images)

@@ -3,15 +3,17 @@
 import numpy as np
 import pytest
 
-from dfq_jax import config_base
-from dfq_jax import schedule
+from dfq_jax import config_base, schedule
 
 
-@pytest.mark.parametrize("epoch, expected", [(0, 1.0), (99, 1.0), (100, 0.1), (199, 0.1),
-                                             (200, 0.01), (300, 0.001), (399, 0.001)])
+@pytest.mark.parametrize(
+  "epoch, expected",
+  [(0, 1.0), (99, 1.0), (100, 0.1), (199, 0.1), (200, 0.01), (300, 0.001), (399, 0.001)],
+)
 def test_multistep_lr_known_values(epoch, expected):
-  np.testing.assert_allclose(schedule.multistep_lr(1.0, epoch, (100, 200, 300)), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    schedule.multistep_lr(1.0, epoch, (100, 200, 300)), expected, rtol=1e-6
+  )
 
 
 def test_paper_timeline():
@@ -46,7 +48,8 @@ def test_phase_and_evaluation_cadence():
   assert t.eval_every_steps == 1000
   # Parity evaluates after every epoch of the original (200 iterations), as its code does
   # before it reports the best epoch.
-  c.parity = True
+  config_base.apply_parity(c)
+  assert c.eval_every_steps == 0  # 0 = every epoch
   assert schedule.Timeline.from_config(c).eval_every_steps == 200
-  c.range_update_epochs = 400       # ranges that keep adapting through the whole run
+  c.range_update_epochs = 400  # ranges that keep adapting through the whole run
   assert schedule.Timeline.from_config(c).phase(1999) == (True, True)

@@ -11,16 +11,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from dfq_jax.reference import torch_adadfq as ref  # pylint: disable=g-import-not-at-top
+from dfq_jax.reference import torch_adadfq as ref  # noqa: E402  (after importorskip)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("x, k, lo, hi, expected", [
-    ([0, .1, .2, .3], 2, 0., .3, [0, .1, .2, .3]),
-    ([-1, -.3, 0, .26, .5, 1], 2, -1., 1., [-1.3333333, 0, 0, 0, .6666667, .6666667]),
-    ([0, .4, 1, 2, 3.5, 4], 3, 0., 4., [0, .5714286, 1.1428571, 2.2857143, 3.4285714, 4.]),
-])
+@pytest.mark.parametrize(
+  "x, k, lo, hi, expected",
+  [
+    ([0, 0.1, 0.2, 0.3], 2, 0.0, 0.3, [0, 0.1, 0.2, 0.3]),
+    ([-1, -0.3, 0, 0.26, 0.5, 1], 2, -1.0, 1.0, [-1.3333333, 0, 0, 0, 0.6666667, 0.6666667]),
+    ([0, 0.4, 1, 2, 3.5, 4], 3, 0.0, 4.0, [0, 0.5714286, 1.1428571, 2.2857143, 3.4285714, 4.0]),
+  ],
+)
 def test_asym_fake_quant_known_values(x, k, lo, hi, expected):
   # methods.md §0 (a)(b)(c): half-to-even rounding of the zero point and of s*x - zp.
   out = ref.asym_fake_quant(torch.tensor(x), k, lo, hi)
@@ -30,7 +33,7 @@ def test_asym_fake_quant_known_values(x, k, lo, hi, expected):
 def test_quant_act_bias_corrected_ema_sequence():
   act = ref.QuantAct(bits=4)
   seen = []
-  for value in (1., 1., 1., 2.):
+  for value in (1.0, 1.0, 1.0, 2.0):
     act(torch.full((2, 3), value))
     seen.append(float(act.x_max))
   np.testing.assert_allclose(seen, [1.0, 5.263158, 17.848126, 47.290821], rtol=5e-6)
@@ -38,8 +41,8 @@ def test_quant_act_bias_corrected_ema_sequence():
 
 
 def test_ste_gradient_is_all_ones_outside_the_range():
-  x = torch.tensor([-3., -1., 0., .5, 1., 7.], requires_grad=True)
-  ref.fake_quant_ste(x, 2, torch.tensor(-.5), torch.tensor(.5)).sum().backward()
+  x = torch.tensor([-3.0, -1.0, 0.0, 0.5, 1.0, 7.0], requires_grad=True)
+  ref.fake_quant_ste(x, 2, torch.tensor(-0.5), torch.tensor(0.5)).sum().backward()
   np.testing.assert_array_equal(x.grad.numpy(), np.ones(6))
   # Weights: the same STE; per output channel ranges, no gradient through them.
   conv = ref.QuantConv2d.from_float(torch.nn.Conv2d(2, 4, 3), bits=2)
@@ -49,28 +52,30 @@ def test_ste_gradient_is_all_ones_outside_the_range():
 
 def test_adadfq_losses_known_values():
   # methods.md §0: adadfq_generator_losses and adadfq_q_loss.
-  t = torch.tensor([[2., 0, 0], [0, 1, 0], [1, 1, 1], [3, -1, 0]])
-  q = torch.tensor([[1., 0, 0], [0, 0, .5], [0, 0, 1], [0, 2, 0]])
+  t = torch.tensor([[2.0, 0, 0], [0, 1, 0], [1, 1, 1], [3, -1, 0]])
+  q = torch.tensor([[1.0, 0, 0], [0, 0, 0.5], [0, 0, 1], [0, 2, 0]])
   y = torch.tensor([0, 1, 2, 0])
-  terms = ref.adadfq_generator_terms(t, q, y, lambda_l=.1, lambda_u=.8)
-  np.testing.assert_allclose(terms["entropy"].numpy(), [.975328, .905959, 1.017357, .207022],
-                             atol=1e-6)
-  np.testing.assert_allclose(terms["entropy_norm"].numpy(), [.861725, .783922, .908865, 0],
-                             atol=1e-6)
+  terms = ref.adadfq_generator_terms(t, q, y, lambda_l=0.1, lambda_u=0.8)
+  np.testing.assert_allclose(
+    terms["entropy"].numpy(), [0.975328, 0.905959, 1.017357, 0.207022], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    terms["entropy_norm"].numpy(), [0.861725, 0.783922, 0.908865, 0], atol=1e-6
+  )
   np.testing.assert_allclose(float(terms["margin"]), 0.0676476, atol=1e-6)
   np.testing.assert_allclose(float(terms["ds"]), 0.7321885, atol=1e-6)
   np.testing.assert_allclose(float(terms["as"]), 0.3741208, atol=1e-6)
-  np.testing.assert_allclose(float(ref.adadfq_q_loss(t, q, 20.)), -438.59459, rtol=1e-6)
-  np.testing.assert_allclose(float(ref.adadfq_q_loss(t, q, 5.)), -26.672192, rtol=1e-6)
+  np.testing.assert_allclose(float(ref.adadfq_q_loss(t, q, 20.0)), -438.59459, rtol=1e-6)
+  np.testing.assert_allclose(float(ref.adadfq_q_loss(t, q, 5.0)), -26.672192, rtol=1e-6)
   # BN-statistics loss, one layer (§0): 0.75.
-  stats = [(torch.tensor([.5, -.5]), torch.tensor([2., 1.]), torch.zeros(2), torch.ones(2))]
+  stats = [(torch.tensor([0.5, -0.5]), torch.tensor([2.0, 1.0]), torch.zeros(2), torch.ones(2))]
   np.testing.assert_allclose(float(ref.bn_stat_loss(stats)), 0.75, rtol=1e-6)
 
 
 def test_student_structure():
   step = ref.AdaDFQStep(batch=2)
   mods = list(step.student.modules())
-  assert sum(isinstance(m, ref.QuantAct) for m in mods) == 19       # after every ReLU
+  assert sum(isinstance(m, ref.QuantAct) for m in mods) == 19  # after every ReLU
   assert sum(isinstance(m, (ref.QuantConv2d, ref.QuantLinear)) for m in mods) == 20
   assert not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in mods)
   assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in step.teacher.modules()) == 19
@@ -81,8 +86,11 @@ def test_teacher_gradients_as_in_the_original_code_unless_frozen():
   """The original only calls model_teacher.eval(): its weight gradients are computed."""
   original = ref.AdaDFQStep(batch=2)
   original.step()
-  assert all(p.grad is not None and torch.any(p.grad != 0)
-             for p in original.teacher.parameters() if p.ndim == 4)
+  assert all(
+    p.grad is not None and torch.any(p.grad != 0)
+    for p in original.teacher.parameters()
+    if p.ndim == 4
+  )
   frozen = ref.AdaDFQStep(batch=2, frozen_teacher=True)
   frozen.step()
   assert not any(p.requires_grad for p in frozen.teacher.parameters())
@@ -91,8 +99,22 @@ def test_teacher_gradients_as_in_the_original_code_unless_frozen():
 
 def test_reference_cli_prints_one_json_line_with_step0_losses():
   proc = subprocess.run(
-      [sys.executable, "-m", "dfq_jax.reference.torch_adadfq", "--batch", "4", "--steps", "2",
-       "--warmup", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.reference.torch_adadfq",
+      "--batch",
+      "4",
+      "--steps",
+      "2",
+      "--warmup",
+      "1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 1
@@ -106,19 +128,32 @@ def test_reference_cli_prints_one_json_line_with_step0_losses():
   # constant, so H(softmax((t - q)/20)) ~ log 10 (speed-notes.md: -921.03).
   assert abs(loss["loss_Q"] + 400 * math.log(10)) < 0.5
   assert abs(loss["ce_ds"] - math.log(10)) < 0.3 and 1.0 < loss["ce_as"] < 4.0
-  assert 0.1 / 4 - 1e-6 <= loss["margin"] < 0.3   # the batch-min sample alone gives 0.1/B
+  assert 0.1 / 4 - 1e-6 <= loss["margin"] < 0.3  # the batch-min sample alone gives 0.1/B
   assert 0.2 < loss["bns"] < 3.0
-  expected_g = loss["margin"] + .2 * loss["ce_ds"] + .1 * loss["ce_as"] + loss["bns"]
+  expected_g = loss["margin"] + 0.2 * loss["ce_ds"] + 0.1 * loss["ce_as"] + loss["bns"]
   assert abs(loss["loss_G"] - expected_g) < 1e-4
 
 
 def _compare(*extra):
   return subprocess.run(
-      [sys.executable, "-m", "dfq_jax.bench", "compare",
-       "--config=configs/cifar10_resnet20.py:adadfq,w4a4", "--batch=4", "--steps=1",
-       "--warmup=0", "--rounds=1", *extra],
-      capture_output=True, text=True, cwd=ROOT, timeout=900,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.bench",
+      "compare",
+      "--config=configs/cifar10_resnet20.py:adadfq,w4a4",
+      "--batch=4",
+      "--steps=1",
+      "--warmup=0",
+      "--rounds=1",
+      *extra,
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=900,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
 
 
 def test_bench_compare_runs_both_implementations():

@@ -11,16 +11,18 @@ from dfq_jax import xla_options
 
 
 def _conv_loss(x, k):
-  y = jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return jnp.sum(jax.nn.relu(y) ** 2)
 
 
 def _convs_in_ynn_fusions(compiled) -> int:
   """Number of YNNPACK fusions of the compiled HLO whose body holds a convolution."""
   text = compiled.as_text()
-  with_conv = set(re.findall(r"^%?([\w.-]+) [^\n]*\{\n(?:(?!^\}).*\n)*?.*convolution\(",
-                             text, flags=re.M))
+  with_conv = set(
+    re.findall(r"^%?([\w.-]+) [^\n]*\{\n(?:(?!^\}).*\n)*?.*convolution\(", text, flags=re.M)
+  )
   lines = [l for l in text.splitlines() if "__ynn_fusion" in l]
   return sum(re.search(r"calls=%([\w.-]+)", l).group(1) in with_conv for l in lines)
 
@@ -28,8 +30,11 @@ def _convs_in_ynn_fusions(compiled) -> int:
 def test_eigen_moves_convolutions_out_of_ynnpack_and_keeps_results(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   opts = xla_options.compiler_options("eigen")
-  assert opts == {"xla_cpu_experimental_ynn_fusion_type":
-                  "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  assert opts == {
+    "xla_cpu_experimental_ynn_fusion_type": (
+      "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+    )
+  }
   x = jax.random.normal(jax.random.key(0), (32, 16, 16, 16))
   k = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) * 0.1
   f = jax.value_and_grad(_conv_loss, argnums=(0, 1))

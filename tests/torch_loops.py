@@ -24,8 +24,8 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from dfq_jax.reference import torch_adadfq as ref
 
@@ -43,10 +43,14 @@ def _resnet_entries(model: ref.ResNet20):
     entries.append(("params", path + ("kernel",), m.weight, "conv"))
 
   def bn(path, m):
-    entries.extend([("params", path + ("scale",), m.weight, "vec"),
-                    ("params", path + ("bias",), m.bias, "vec"),
-                    ("batch_stats", path + ("mean",), m.running_mean, "vec"),
-                    ("batch_stats", path + ("var",), m.running_var, "vec")])
+    entries.extend(
+      [
+        ("params", path + ("scale",), m.weight, "vec"),
+        ("params", path + ("bias",), m.bias, "vec"),
+        ("batch_stats", path + ("mean",), m.running_mean, "vec"),
+        ("batch_stats", path + ("var",), m.running_var, "vec"),
+      ]
+    )
 
   conv(("conv1",), model.conv1)
   bn(("bn1",), model.bn1)
@@ -57,8 +61,10 @@ def _resnet_entries(model: ref.ResNet20):
     bn((name, "bn1"), block.bn1)
     conv((name, "conv2"), block.conv2)
     bn((name, "bn2"), block.bn2)
-  entries += [("params", ("linear", "kernel"), model.fc.weight, "dense"),
-              ("params", ("linear", "bias"), model.fc.bias, "vec")]
+  entries += [
+    ("params", ("linear", "kernel"), model.fc.weight, "dense"),
+    ("params", ("linear", "bias"), model.fc.bias, "vec"),
+  ]
   return entries
 
 
@@ -70,9 +76,9 @@ def _get(tree, path):
 
 def _to_torch(a, kind):
   a = _t(a)
-  if kind == "conv":       # HWIO -> OIHW
+  if kind == "conv":  # HWIO -> OIHW
     return a.permute(3, 2, 0, 1)
-  if kind == "dense":      # [in, out] -> [out, in]
+  if kind == "dense":  # [in, out] -> [out, in]
     return a.t()
   return a
 
@@ -131,16 +137,22 @@ def ranges_arrays(student: nn.Module) -> dict:
     node = out
     for key in path[:-1]:
       node = node.setdefault(key, {})
-    node[path[-1]] = {"x_min": act.x_min.numpy().copy(), "x_max": act.x_max.numpy().copy(),
-                      "beta_t": act.beta_t.numpy().copy()}
+    node[path[-1]] = {
+      "x_min": act.x_min.numpy().copy(),
+      "x_max": act.x_max.numpy().copy(),
+      "beta_t": act.beta_t.numpy().copy(),
+    }
   return out
 
 
 def _generator_entries(gen: ref.Generator):
-  e = [(("label_emb", "embedding"), gen.embed.weight, "vec"),
-       (("l1", "kernel"), gen.fc.weight, "fc_kernel"),
-       (("l1", "bias"), gen.fc.bias, "fc_bias"),
-       (("bn0", "scale"), gen.bn0.weight, "vec"), (("bn0", "bias"), gen.bn0.bias, "vec")]
+  e = [
+    (("label_emb", "embedding"), gen.embed.weight, "vec"),
+    (("l1", "kernel"), gen.fc.weight, "fc_kernel"),
+    (("l1", "bias"), gen.fc.bias, "fc_bias"),
+    (("bn0", "scale"), gen.bn0.weight, "vec"),
+    (("bn0", "bias"), gen.bn0.bias, "vec"),
+  ]
   for name in ("conv1", "conv2", "conv3"):
     m = getattr(gen, name)
     e += [((name, "kernel"), m.weight, "conv"), ((name, "bias"), m.bias, "vec")]
@@ -162,7 +174,7 @@ def load_generator(gen: ref.Generator, params) -> ref.Generator:
   perm = _fc_perm(gen)
   for path, tensor, kind in _generator_entries(gen):
     a = np.asarray(_get(params, path))
-    if kind == "fc_kernel":      # [latent, s0*s0*w] (i, k, c) -> [w*s0*s0 (c, i, k), latent]
+    if kind == "fc_kernel":  # [latent, s0*s0*w] (i, k, c) -> [w*s0*s0 (c, i, k), latent]
       out = np.empty((a.shape[1], a.shape[0]), np.float32)
       out[perm] = a.T
       tensor.copy_(_t(out))
@@ -196,8 +208,9 @@ def kd_loss_gdfq(s, t, y, temperature: float, alpha: float) -> torch.Tensor:
 
   nn.KLDivLoss's default reduction is the mean over all B*C elements.
   """
-  kl = F.kl_div(F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1),
-                reduction="mean")
+  kl = F.kl_div(
+    F.log_softmax(s / temperature, dim=1), F.softmax(t / temperature, dim=1), reduction="mean"
+  )
   return alpha * temperature**2 * kl + F.cross_entropy(s, y)
 
 
@@ -263,20 +276,24 @@ class OriginalLoop:
     self.student = ref.quantize_model(copy.deepcopy(teacher), *bits).eval()
     self.generator = generator.train()
     self._stats = []
-    for m in self.teacher.modules():   # hooks on the teacher only, after the copy
+    for m in self.teacher.modules():  # hooks on the teacher only, after the copy
       if isinstance(m, nn.BatchNorm2d):
         m.register_forward_hook(self._hook)
-    self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp["lr_g"],
-                                  betas=hp["betas"])
-    self.opt_q = torch.optim.SGD(self.student.parameters(), lr=hp["lr_q"],
-                                 momentum=hp["momentum"], nesterov=True,
-                                 weight_decay=hp["weight_decay"])
+    self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=hp["lr_g"], betas=hp["betas"])
+    self.opt_q = torch.optim.SGD(
+      self.student.parameters(),
+      lr=hp["lr_q"],
+      momentum=hp["momentum"],
+      nesterov=True,
+      weight_decay=hp["weight_decay"],
+    )
 
   def _hook(self, module, inputs, output):
     del output
     x = inputs[0]
-    self._stats.append((x.mean([0, 2, 3]), x.var([0, 2, 3], unbiased=False),
-                        module.running_mean, module.running_var))
+    self._stats.append(
+      (x.mean([0, 2, 3]), x.var([0, 2, 3], unbiased=False), module.running_mean, module.running_var)
+    )
 
   @staticmethod
   def _multistep(base, epoch, milestones):
@@ -289,7 +306,7 @@ class OriginalLoop:
       group["lr"] = lr_g
     for group in self.opt_q.param_groups:
       group["lr"] = lr_q
-    for act in quant_acts(self.student).values():   # `if epoch < 4: unfix()` ... fix()
+    for act in quant_acts(self.student).values():  # `if epoch < 4: unfix()` ... fix()
       act.running_stat = epoch < self.hp["range_epochs"]
     return lr_g, lr_q
 
@@ -303,24 +320,28 @@ class OriginalLoop:
       ce = F.cross_entropy(t, y)
       sda = dsg_qat_sda(self._stats, hp["margins"])
       sci = sci_value(x, noise)
-      return (ce + hp["sda_weight"] * sda + sci / len(self._stats),
-              {"ce": ce, "sda": sda, "sci": sci})
+      return (
+        ce + hp["sda_weight"] * sda + sci / len(self._stats),
+        {"ce": ce, "sda": sda, "sci": sci},
+      )
     q = self.student(x)
     terms = ref.adadfq_generator_terms(t, q, y, hp["lambda_l"], hp["lambda_u"])
     bns = ref.bn_stat_loss(self._stats)
-    loss = (terms["margin"] + hp["beta"] * (hp["alpha_ds"] * terms["ds"]
-                                            + hp["alpha_as"] * terms["as"])
-            + hp["gamma"] * bns)
-    return loss, {"margin": terms["margin"], "ds": terms["ds"], "as": terms["as"],
-                  "bns": bns}
+    loss = (
+      terms["margin"]
+      + hp["beta"] * (hp["alpha_ds"] * terms["ds"] + hp["alpha_as"] * terms["as"])
+      + hp["gamma"] * bns
+    )
+    return loss, {"margin": terms["margin"], "ds": terms["ds"], "as": terms["as"], "bns": bns}
 
   def _student_loss(self, s, t, y):
     if self.method == "adadfq":
       return ref.adadfq_q_loss(t, s, self.hp["temperature"])
     return kd_loss_gdfq(s, t, y, self.hp["temperature"], self.hp["alpha"])
 
-  def iteration(self, epoch: int, z: torch.Tensor, y: torch.Tensor,
-                noise: torch.Tensor | None = None) -> dict:
+  def iteration(
+    self, epoch: int, z: torch.Tensor, y: torch.Tensor, noise: torch.Tensor | None = None
+  ) -> dict:
     """One iteration of epoch `epoch` on latents z [B, d], labels y [B]; returns losses."""
     lr_g, lr_q = self._set_epoch(epoch)
     self._stats.clear()
@@ -333,11 +354,15 @@ class OriginalLoop:
     s = self.student(x.detach())
     loss_q = self._student_loss(s, t.detach(), y)
     if epoch >= self.hp["warmup_epochs"]:
-      self.opt_q.zero_grad()   # drops the student grads of AdaDFQ's generator backward
+      self.opt_q.zero_grad()  # drops the student grads of AdaDFQ's generator backward
       loss_q.backward()
       self.opt_q.step()
     self._stats.clear()
-    out = {"generator/loss": float(loss_g), "student/loss": float(loss_q),
-           "lr/generator": lr_g, "lr/student": lr_q if epoch >= self.hp["warmup_epochs"] else 0.0}
+    out = {
+      "generator/loss": float(loss_g),
+      "student/loss": float(loss_q),
+      "lr/generator": lr_g,
+      "lr/student": lr_q if epoch >= self.hp["warmup_epochs"] else 0.0,
+    }
     out.update({f"generator/{k}": float(v) for k, v in g_terms.items()})
     return out

@@ -34,8 +34,9 @@ def _is_image(name: str) -> bool:
   return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_image_folder(root: "str | os.PathLike",
-                      split: str) -> tuple[tuple[str, ...], list[str], np.ndarray]:
+def list_image_folder(
+  root: "str | os.PathLike", split: str
+) -> tuple[tuple[str, ...], list[str], np.ndarray]:
   """Lists `<root>/<split>/<class>/*` images.
 
   Returns:
@@ -53,16 +54,22 @@ def list_image_folder(root: "str | os.PathLike",
   if not split_dir.is_dir():
     subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     raise FileNotFoundError(
-        f"Split folder {str(split_dir)!r} does not exist (split={split!r}). Expected layout "
-        f"{LAYOUT}; folders found in the root: {subdirs or 'none'}.")
-  class_names = tuple(sorted(e.name for e in os.scandir(split_dir)
-                             if e.is_dir() and not e.name.startswith(".")))
+      f"Split folder {str(split_dir)!r} does not exist (split={split!r}). Expected layout "
+      f"{LAYOUT}; folders found in the root: {subdirs or 'none'}."
+    )
+  class_names = tuple(
+    sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+  )
   if not class_names:
     loose = [e.name for e in os.scandir(split_dir) if e.is_file() and _is_image(e.name)]
-    hint = (f" It holds {len(loose)} image files directly; put them in one folder per class."
-            if loose else "")
-    raise ValueError(f"Split folder {str(split_dir)!r} has no class folders. Expected layout "
-                     f"{LAYOUT}.{hint}")
+    hint = (
+      f" It holds {len(loose)} image files directly; put them in one folder per class."
+      if loose
+      else ""
+    )
+    raise ValueError(
+      f"Split folder {str(split_dir)!r} has no class folders. Expected layout {LAYOUT}.{hint}"
+    )
   files: list[str] = []
   labels: list[int] = []
   empty: list[str] = []
@@ -76,9 +83,10 @@ def list_image_folder(root: "str | os.PathLike",
   if empty:
     shown = ", ".join(repr(e) for e in empty[:5]) + (" ..." if len(empty) > 5 else "")
     raise ValueError(
-        f"{len(empty)} of {len(class_names)} class folders under {str(split_dir)!r} contain "
-        f"no images ({'/'.join(IMAGE_EXTENSIONS)}): {shown}. Expected layout {LAYOUT}; "
-        "remove stray folders or add their images.")
+      f"{len(empty)} of {len(class_names)} class folders under {str(split_dir)!r} contain "
+      f"no images ({'/'.join(IMAGE_EXTENSIONS)}): {shown}. Expected layout {LAYOUT}; "
+      "remove stray folders or add their images."
+    )
   return class_names, files, np.asarray(labels, dtype=np.int32)
 
 
@@ -106,8 +114,9 @@ def _fingerprint(files: list[str], class_names: tuple[str, ...], root: Path) -> 
   return h.hexdigest()
 
 
-def _cache_path(cache_dir: Path, root: Path, split: str, p: Preprocessing,
-                limit: int | None) -> Path:
+def _cache_path(
+  cache_dir: Path, root: Path, split: str, p: Preprocessing, limit: int | None
+) -> Path:
   key = f"{root.resolve()}\n{split}\n{p.key()}\n{limit}\n{_CACHE_FORMAT}"
   digest = hashlib.sha256(key.encode()).hexdigest()[:16]
   safe_split = "".join(c if c.isalnum() or c in "-_" else "_" for c in split)
@@ -117,8 +126,10 @@ def _cache_path(cache_dir: Path, root: Path, split: str, p: Preprocessing,
 def _check_cache_dir(cache_dir: Path, root: Path) -> None:
   c, r = cache_dir.resolve(), root.resolve()
   if c == r or r in c.parents:
-    raise ValueError(f"cache_dir {str(cache_dir)!r} is inside the data root {str(root)!r}; "
-                     "the data root is never written to. Choose a cache directory elsewhere.")
+    raise ValueError(
+      f"cache_dir {str(cache_dir)!r} is inside the data root {str(root)!r}; "
+      "the data root is never written to. Choose a cache directory elsewhere."
+    )
 
 
 def _load_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -130,19 +141,25 @@ def _load_cache(path: Path, fingerprint: str) -> tuple[np.ndarray, np.ndarray] |
         logger.info("Image cache %s is stale (files changed); rebuilding.", path)
         return None
       return z["images"], z["labels"]
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:
     logger.warning("Ignoring unreadable image cache %s (%s: %s).", path, type(e).__name__, e)
     return None
 
 
-def _save_cache(path: Path, images: np.ndarray, labels: np.ndarray, fingerprint: str,
-                class_names: tuple[str, ...]) -> None:
+def _save_cache(
+  path: Path, images: np.ndarray, labels: np.ndarray, fingerprint: str, class_names: tuple[str, ...]
+) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=images, labels=labels, fingerprint=np.str_(fingerprint),
-               class_names=np.asarray(class_names, dtype=np.str_))
+      np.savez(
+        f,
+        images=images,
+        labels=labels,
+        fingerprint=np.str_(fingerprint),
+        class_names=np.asarray(class_names, dtype=np.str_),
+      )
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
@@ -163,9 +180,13 @@ def decode_files(files: list[str], preprocessing: "str | Preprocessing") -> np.n
   return out
 
 
-def load_image_folder(root: "str | os.PathLike", split: str = "test",
-                      preprocessing: "str | Preprocessing" = "cifar", limit: int | None = None,
-                      cache_dir: "str | os.PathLike | None" = None) -> ImageDataset:
+def load_image_folder(
+  root: "str | os.PathLike",
+  split: str = "test",
+  preprocessing: "str | Preprocessing" = "cifar",
+  limit: int | None = None,
+  cache_dir: "str | os.PathLike | None" = None,
+) -> ImageDataset:
   """Loads `<root>/<split>/<class>/*.{jpg,jpeg,png}` into memory.
 
   Args:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,6 +45,7 @@ class ImageDataset:
     name: a short description, e.g. 'imagefolder:<root>/test (cifar)' or 'tfds:cifar10/test'.
     files: for folder sources, the source file of each image (same order), else None.
   """
+
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
@@ -52,11 +54,14 @@ class ImageDataset:
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-      raise ValueError(f"ImageDataset.images must be uint8 [N, H, W, 3]; got "
-                       f"{self.images.dtype} {self.images.shape}.")
+      raise ValueError(
+        f"ImageDataset.images must be uint8 [N, H, W, 3]; got "
+        f"{self.images.dtype} {self.images.shape}."
+      )
     if self.labels.shape != (self.images.shape[0],):
-      raise ValueError(f"ImageDataset.labels must be [N={self.images.shape[0]}]; got "
-                       f"{self.labels.shape}.")
+      raise ValueError(
+        f"ImageDataset.labels must be [N={self.images.shape[0]}]; got {self.labels.shape}."
+      )
     self.labels = self.labels.astype(np.int32, copy=False)
     self.class_names = tuple(self.class_names)
 
@@ -76,29 +81,32 @@ class ImageDataset:
 @dataclasses.dataclass(frozen=True)
 class Normalization:
   """Per-channel (RGB) mean and std on the [0, 1] scale: x = (u8 / 255 - mean) / std."""
+
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
 
 
-CIFAR10_NORM = Normalization((0.49139968, 0.48215827, 0.44653124),
-                             (0.24703233, 0.24348505, 0.26158768))
-CIFAR100_NORM = Normalization((0.50705882, 0.48666667, 0.44078431),
-                              (0.26745098, 0.25568627, 0.27607843))
+CIFAR10_NORM = Normalization(
+  (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768)
+)
+CIFAR100_NORM = Normalization(
+  (0.50705882, 0.48666667, 0.44078431), (0.26745098, 0.25568627, 0.27607843)
+)
 IMAGENET_NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Named presets: by dataset, and by model where a model's training code used other
 # constants than its dataset's (the akamaster CIFAR ResNets use the ImageNet constants).
 NORMALIZATION_PRESETS: dict[str, Normalization] = {
-    "cifar10": CIFAR10_NORM,
-    "cifar100": CIFAR100_NORM,
-    "imagenet": IMAGENET_NORM,
-    "imagenet2012": IMAGENET_NORM,
-    # pytorchcv CIFAR models as evaluated by GDFQ/AdaDFQ/DSG (their dataloader.py).
-    "pytorchcv_cifar10": CIFAR10_NORM,
-    "pytorchcv_cifar100": CIFAR100_NORM,
-    # akamaster/pytorch_resnet_cifar10 (trainer.py normalises CIFAR with ImageNet constants).
-    "akamaster_cifar10": IMAGENET_NORM,
-    "akamaster_resnet20": IMAGENET_NORM,
+  "cifar10": CIFAR10_NORM,
+  "cifar100": CIFAR100_NORM,
+  "imagenet": IMAGENET_NORM,
+  "imagenet2012": IMAGENET_NORM,
+  # pytorchcv CIFAR models as evaluated by GDFQ/AdaDFQ/DSG (their dataloader.py).
+  "pytorchcv_cifar10": CIFAR10_NORM,
+  "pytorchcv_cifar100": CIFAR100_NORM,
+  # akamaster/pytorch_resnet_cifar10 (trainer.py normalises CIFAR with ImageNet constants).
+  "akamaster_cifar10": IMAGENET_NORM,
+  "akamaster_resnet20": IMAGENET_NORM,
 }
 
 
@@ -106,8 +114,9 @@ def get_normalization(name: str) -> Normalization:
   """Looks up a preset of NORMALIZATION_PRESETS by name (case-insensitive)."""
   key = name.lower()
   if key not in NORMALIZATION_PRESETS:
-    raise KeyError(f"Unknown normalisation preset {name!r}; known presets: "
-                   f"{sorted(NORMALIZATION_PRESETS)}.")
+    raise KeyError(
+      f"Unknown normalisation preset {name!r}; known presets: {sorted(NORMALIZATION_PRESETS)}."
+    )
   return NORMALIZATION_PRESETS[key]
 
 
@@ -120,13 +129,16 @@ def normalize(images_uint8: Any, mean: Sequence[float], std: Sequence[float]) ->
   if isinstance(images_uint8, np.ndarray):
     xp = np
   else:
-    import jax.numpy as xp  # pylint: disable=import-outside-toplevel
+    import jax.numpy as xp  # imported on use
   if images_uint8.dtype != np.uint8:
-    raise TypeError(f"normalize expects uint8 images (0..255); got {images_uint8.dtype}. "
-                    "Float images are probably normalised already.")
+    raise TypeError(
+      f"normalize expects uint8 images (0..255); got {images_uint8.dtype}. "
+      "Float images are probably normalised already."
+    )
   if images_uint8.shape[-1] != 3:
-    raise ValueError(f"normalize expects channels-last RGB images [..., 3]; got shape "
-                     f"{tuple(images_uint8.shape)}.")
+    raise ValueError(
+      f"normalize expects channels-last RGB images [..., 3]; got shape {tuple(images_uint8.shape)}."
+    )
   mean = xp.asarray(mean, dtype=np.float32)
   std = xp.asarray(std, dtype=np.float32)
   if mean.shape != (3,) or std.shape != (3,):
@@ -168,8 +180,9 @@ def _pad_for_crop(img: Image.Image, crop: int) -> Image.Image:
   return out
 
 
-def imagenet_transform(img: Image.Image, resize_size: int = 256,
-                       crop_size: int = 224) -> Image.Image:
+def imagenet_transform(
+  img: Image.Image, resize_size: int = 256, crop_size: int = 224
+) -> Image.Image:
   """Resize(resize_size) + CenterCrop(crop_size) exactly as torchvision does on PIL."""
   w, h = img.size
   new_w, new_h = resize_shorter_size(w, h, resize_size)
@@ -191,15 +204,17 @@ def imagenet_transform(img: Image.Image, resize_size: int = 256,
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
   """A preprocessing mode with its sizes; `output_shape` is (H, W, 3) of every image."""
+
   mode: str = "cifar"
-  image_size: int = 32      # 'cifar': required input size (square).
-  resize_size: int = 256    # 'imagenet': Resize(resize_size).
-  crop_size: int = 224      # 'imagenet': CenterCrop(crop_size).
+  image_size: int = 32  # 'cifar': required input size (square).
+  resize_size: int = 256  # 'imagenet': Resize(resize_size).
+  crop_size: int = 224  # 'imagenet': CenterCrop(crop_size).
 
   def __post_init__(self):
     if self.mode not in PREPROCESSING_MODES:
-      raise ValueError(f"preprocessing mode must be one of {PREPROCESSING_MODES}; "
-                       f"got {self.mode!r}.")
+      raise ValueError(
+        f"preprocessing mode must be one of {PREPROCESSING_MODES}; got {self.mode!r}."
+      )
 
   @property
   def output_shape(self) -> tuple[int, int, int]:
@@ -220,8 +235,9 @@ def as_preprocessing(p: "str | Preprocessing | Mapping[str, Any]") -> Preprocess
   return Preprocessing(**dict(p))
 
 
-def decode_image(source: "str | os.PathLike | bytes", preprocessing: "str | Preprocessing",
-                 what: str | None = None) -> np.ndarray:
+def decode_image(
+  source: "str | os.PathLike | bytes", preprocessing: "str | Preprocessing", what: str | None = None
+) -> np.ndarray:
   """Decodes one image file (path) or encoded bytes to uint8 [H, W, 3] after preprocessing.
 
   Args:
@@ -245,10 +261,11 @@ def decode_image(source: "str | os.PathLike | bytes", preprocessing: "str | Prep
   if p.mode == "cifar":
     if img.size != (p.image_size, p.image_size):
       raise ValueError(
-          f"Image {what} is {img.size[0]}x{img.size[1]} (WxH), but preprocessing 'cifar' "
-          f"expects every image to be {p.image_size}x{p.image_size}. Use "
-          "preprocessing='imagenet' (Resize+CenterCrop) for larger images, or set "
-          "image_size.")
+        f"Image {what} is {img.size[0]}x{img.size[1]} (WxH), but preprocessing 'cifar' "
+        f"expects every image to be {p.image_size}x{p.image_size}. Use "
+        "preprocessing='imagenet' (Resize+CenterCrop) for larger images, or set "
+        "image_size."
+      )
   else:
     img = imagenet_transform(img, p.resize_size, p.crop_size)
   return np.asarray(img, dtype=np.uint8)

@@ -34,10 +34,19 @@ def _rel_err(a, b) -> float:
   return float(jnp.linalg.norm(fa - fb) / jnp.linalg.norm(fb))
 
 
-def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int = 32,
-        width: int = 128, latent_dim: int = 100, num_classes: int = 10,
-        impls=("standard", "subpixel"), dtypes=("float32", "bfloat16"), seed: int = 0,
-        cpu_conv_kernels: str = "eigen"):
+def run(
+  batch: int = 16,
+  rounds: int = 15,
+  name: str = "cifar",
+  image_size: int = 32,
+  width: int = 128,
+  latent_dim: int = 100,
+  num_classes: int = 10,
+  impls=("standard", "subpixel"),
+  dtypes=("float32", "bfloat16"),
+  seed: int = 0,
+  cpu_conv_kernels: str = "eigen",
+):
   """Returns one result dict per (impl, dtype) config (see the module docstring)."""
   kz, ky, kt, ki = jax.random.split(jax.random.key(seed), 4)
   z = jax.random.normal(kz, (batch, latent_dim))
@@ -47,8 +56,15 @@ def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int 
   params = None
   for dtype in dtypes:
     for impl in impls:
-      gen = get_generator(name, num_classes=num_classes, image_size=image_size,
-                          latent_dim=latent_dim, width=width, conv_impl=impl, dtype=dtype)
+      gen = get_generator(
+        name,
+        num_classes=num_classes,
+        image_size=image_size,
+        latent_dim=latent_dim,
+        width=width,
+        conv_impl=impl,
+        dtype=dtype,
+      )
       if params is None:
         params = gen.init(ki, z, labels)["params"]
 
@@ -56,10 +72,12 @@ def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int 
         images = gen.apply({"params": p}, z, labels)
         return jnp.mean((images - target) ** 2), images
 
-      step = jax.jit(jax.value_and_grad(loss, has_aux=True),
-                     compiler_options=xla_options.compiler_options(cpu_conv_kernels))
+      step = jax.jit(
+        jax.value_and_grad(loss, has_aux=True),
+        compiler_options=xla_options.compiler_options(cpu_conv_kernels),
+      )
       out = jax.block_until_ready(step(params))  # compile
-      jax.block_until_ready(step(params))        # warm-up
+      jax.block_until_ready(step(params))  # warm-up
       configs.append((impl, dtype))
       steps[impl, dtype] = step
       outs[impl, dtype] = (out[0][1], out[1])
@@ -74,10 +92,18 @@ def run(batch: int = 16, rounds: int = 15, name: str = "cifar", image_size: int 
   for impl, dtype in configs:
     med = float(np.median(times[impl, dtype]))
     base = times.get(("standard", dtype))
-    r = {"generator": name, "batch": batch, "image_size": image_size, "width": width,
-         "conv_impl": impl, "dtype": dtype, "median_ms": round(med, 2),
-         "min_ms": round(float(np.min(times[impl, dtype])), 2), "rounds": rounds,
-         "speedup_vs_standard": round(float(np.median(base)) / med, 3) if base else None}
+    r = {
+      "generator": name,
+      "batch": batch,
+      "image_size": image_size,
+      "width": width,
+      "conv_impl": impl,
+      "dtype": dtype,
+      "median_ms": round(med, 2),
+      "min_ms": round(float(np.min(times[impl, dtype])), 2),
+      "rounds": rounds,
+      "speedup_vs_standard": round(float(np.median(base)) / med, 3) if base else None,
+    }
     if ref is not None:
       r["rel_err_images_vs_standard_f32"] = float(f"{_rel_err(outs[impl, dtype][0], ref[0]):.2e}")
       r["rel_err_grads_vs_standard_f32"] = float(f"{_rel_err(outs[impl, dtype][1], ref[1]):.2e}")
@@ -96,13 +122,25 @@ def main(argv=None):
   ap.add_argument("--impls", default="standard,subpixel")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--cpu-conv-kernels", default="eigen", choices=xla_options.CPU_CONV_KERNELS,
-                  help="XLA:CPU convolution kernels (dfq_jax/xla_options.py)")
+  ap.add_argument(
+    "--cpu-conv-kernels",
+    default="eigen",
+    choices=xla_options.CPU_CONV_KERNELS,
+    help="XLA:CPU convolution kernels (dfq_jax/xla_options.py)",
+  )
   a = ap.parse_args(argv)
-  for r in run(a.batch, a.rounds, a.generator, a.image_size, a.width,
-               num_classes=a.num_classes, impls=tuple(a.impls.split(",")),
-               dtypes=tuple(a.dtypes.split(",")), seed=a.seed,
-               cpu_conv_kernels=a.cpu_conv_kernels):
+  for r in run(
+    a.batch,
+    a.rounds,
+    a.generator,
+    a.image_size,
+    a.width,
+    num_classes=a.num_classes,
+    impls=tuple(a.impls.split(",")),
+    dtypes=tuple(a.dtypes.split(",")),
+    seed=a.seed,
+    cpu_conv_kernels=a.cpu_conv_kernels,
+  ):
     print(json.dumps(r), flush=True)
 
 

@@ -15,9 +15,8 @@ conditional (CCBN: affine-free BN, then per-class scale/shift from embeddings).
 By default (`conv_impl='subpixel'`) the convolutions run in exact rewritten forms with
 hand-written backwards: the two upsample+conv pairs as one 2x2 conv at low resolution
 (`subpixel.py`), the image conv (64 -> 3 channels) as a tap GEMM (`narrow_conv.py`).
-On a 2-core CPU the CIFAR generator's jitted forward+backward is then 1.8-1.9x faster than
-the standard path with the same XLA options (batch 16: 29 vs 55 ms; batch 200: 447 vs
-798 ms; `python -m dfq_jax.generators.bench_subpixel --batch B --dtypes float32`).
+Measured against the standard path by `python -m dfq_jax.generators.bench_subpixel`
+(numbers in the README's speed section).
 `conv_impl='standard'` upsamples and calls `lax.conv`. Both create the same parameters
 ('conv1'/'conv2'/'conv3': 'kernel' [3,3,cin,cout], 'bias') and the same outputs.
 
@@ -50,12 +49,12 @@ def upsample_nearest_2x(x: jax.Array) -> jax.Array:
 
 def _check_conv_impl(conv_impl: str) -> None:
   if conv_impl not in CONV_IMPLS:
-    raise ValueError(f"generator conv_impl {conv_impl!r} is unknown: choose one of "
-                     f"{list(CONV_IMPLS)}.")
+    raise ValueError(
+      f"generator conv_impl {conv_impl!r} is unknown: choose one of {list(CONV_IMPLS)}."
+    )
 
 
-def _upsample_conv(h: jax.Array, features: int, conv_impl: str, dtype: Any,
-                   name: str) -> jax.Array:
+def _upsample_conv(h: jax.Array, features: int, conv_impl: str, dtype: Any, name: str) -> jax.Array:
   """Nearest x2 upsampling, then 3x3 conv with bias (params `name`/kernel, `name`/bias).
 
   Call only inside a compact method: the conv becomes a submodule of the caller.
@@ -74,18 +73,27 @@ def _image_conv(h: jax.Array, channels: int, conv_impl: str, dtype: Any) -> jax.
 
 class CondBatchNorm(nn.Module):
   """Categorical conditional BN: affine-free BN, then scale[y] and shift[y]."""
+
   num_classes: int
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array, labels: jax.Array) -> jax.Array:
     channels = x.shape[-1]
-    x = BatchNorm(use_running_average=False, epsilon=self.epsilon, use_scale=False,
-                  use_bias=False, track_running_stats=False, name="bn")(x)
-    scale = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.ones,
-                     name="scale")(labels)
-    shift = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.zeros,
-                     name="shift")(labels)
+    x = BatchNorm(
+      use_running_average=False,
+      epsilon=self.epsilon,
+      use_scale=False,
+      use_bias=False,
+      track_running_stats=False,
+      name="bn",
+    )(x)
+    scale = nn.Embed(self.num_classes, channels, embedding_init=nn.initializers.ones, name="scale")(
+      labels
+    )
+    shift = nn.Embed(
+      self.num_classes, channels, embedding_init=nn.initializers.zeros, name="shift"
+    )(labels)
     return x * scale[:, None, None, :] + shift[:, None, None, :]
 
 
@@ -103,6 +111,7 @@ class GeneratorCifar(nn.Module):
     conv_impl: 'subpixel' (default, fast exact GEMM forms) | 'standard' (lax.conv) for
       the three convs; same parameters and outputs.
   """
+
   num_classes: int = 10
   image_size: int = 32
   channels: int = 3
@@ -119,12 +128,17 @@ class GeneratorCifar(nn.Module):
       raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
     _check_conv_impl(self.conv_impl)
     s0 = self.image_size // 4
-    emb = nn.Embed(self.num_classes, self.latent_dim,
-                   embedding_init=nn.initializers.normal(1.0), name="label_emb")(labels)
+    emb = nn.Embed(
+      self.num_classes,
+      self.latent_dim,
+      embedding_init=nn.initializers.normal(1.0),
+      name="label_emb",
+    )(labels)
     h = QDense(self.width * s0 * s0, name="l1")(emb * z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
-    bn = lambda eps, name, **kw: BatchNorm(use_running_average=False, epsilon=eps,
-                                           track_running_stats=False, name=name, **kw)
+    bn = lambda eps, name, **kw: BatchNorm(
+      use_running_average=False, epsilon=eps, track_running_stats=False, name=name, **kw
+    )
     h = bn(1e-5, "bn0")(h)
     h = _upsample_conv(h, self.width, self.conv_impl, self.dtype, "conv1")
     h = nn.leaky_relu(bn(self.bn_eps, "bn1")(h), 0.2)
@@ -140,6 +154,7 @@ class GeneratorImagenet(nn.Module):
 
   Attributes as `GeneratorCifar`.
   """
+
   num_classes: int = 1000
   image_size: int = 224
   channels: int = 3
@@ -165,5 +180,10 @@ class GeneratorImagenet(nn.Module):
     h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn2")(h, labels), 0.2)
     h = _image_conv(h, self.channels, self.conv_impl, self.dtype)
     h = jnp.tanh(h)
-    return BatchNorm(use_running_average=False, use_scale=False, use_bias=False,
-                     track_running_stats=False, name="bn_out")(h)
+    return BatchNorm(
+      use_running_average=False,
+      use_scale=False,
+      use_bias=False,
+      track_running_stats=False,
+      name="bn_out",
+    )(h)

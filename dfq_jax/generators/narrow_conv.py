@@ -2,8 +2,7 @@
 
 The last generator conv maps 64 channels to the 3 image channels at full resolution. For
 so few outputs XLA:CPU's convolution kernels are slow, its weight gradient above all
-(batch 200, 32x32, YNNPACK: 110 ms of a 1.4 s AdaDFQ iteration, ~6 GFLOP/s; fwd+bwd
-145 ms with YNNPACK, ~80-110 ms with Eigen, 40-55 ms in this form). Written with the nine
+(README, speed section). Written with the nine
 kernel taps as GEMM columns, every pass is one skinny GEMM over all pixels plus cheap
 shifted adds on tensors of 9*cout channels:
 
@@ -26,8 +25,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from dfq_jax.generators.subpixel import (UpConv, accumulation_dtype, apply_conv3x3, cast_to,
-                                         sum_over_extra_device_axes)
+from dfq_jax.generators.subpixel import (
+  UpConv,
+  accumulation_dtype,
+  apply_conv3x3,
+  cast_to,
+  sum_over_extra_device_axes,
+)
 
 
 def _tap_matrix(kernel: jax.Array) -> jax.Array:
@@ -39,15 +43,17 @@ def _tap_matrix(kernel: jax.Array) -> jax.Array:
 def _sum_shifted_taps(p: jax.Array, h: int, w: int) -> jax.Array:
   """p [B, H, W, 3, 3, co] -> y [B, H, W, co], y[i, j] = sum p[i+kh-1, j+kw-1, kh, kw]."""
   pp = jnp.pad(p, ((0, 0), (1, 1), (1, 1), (0, 0), (0, 0), (0, 0)))
-  return sum(pp[:, kh:kh + h, kw:kw + w, kh, kw] for kh in range(3) for kw in range(3))
+  return sum(pp[:, kh : kh + h, kw : kw + w, kh, kw] for kh in range(3) for kw in range(3))
 
 
 def _shifted_copies(dy: jax.Array) -> jax.Array:
   """dy [B, H, W, co] -> C [B, H, W, (kh, kw, co)], C[p, q, kh, kw] = dy[p-kh+1, q-kw+1]."""
   _, h, w, _ = dy.shape
   dyp = jnp.pad(dy, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return jnp.concatenate([dyp[:, 2 - kh:2 - kh + h, 2 - kw:2 - kw + w]
-                          for kh in range(3) for kw in range(3)], axis=-1)
+  return jnp.concatenate(
+    [dyp[:, 2 - kh : 2 - kh + h, 2 - kw : 2 - kw + w] for kh in range(3) for kw in range(3)],
+    axis=-1,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -70,10 +76,10 @@ def _narrow_conv_bwd(compute_dtype, res, dy):
   x, kernel = res
   ci, co = kernel.shape[2], kernel.shape[3]
   acc = accumulation_dtype(x, kernel)
-  c = _shifted_copies(cast_to(dy, compute_dtype))                  # [B, H, W, 9co]
-  wm = cast_to(_tap_matrix(kernel.astype(acc)), compute_dtype)     # [ci, 9co]
+  c = _shifted_copies(cast_to(dy, compute_dtype))  # [B, H, W, 9co]
+  wm = cast_to(_tap_matrix(kernel.astype(acc)), compute_dtype)  # [ci, 9co]
   dx = jnp.einsum("bhwn,cn->bhwc", c, wm, preferred_element_type=acc)
-  # As C^T x (not x^T C): XLA then transposes the narrow C, not the wide x (12 vs 35 ms).
+  # As C^T x (not x^T C): XLA then transposes the narrow C, not the wide x (faster).
   dwm_t = jnp.einsum("bhwn,bhwc->nc", c, cast_to(x, compute_dtype), preferred_element_type=acc)
   dkernel = jnp.transpose(dwm_t.reshape(3, 3, co, ci), (0, 1, 3, 2))
   dkernel = sum_over_extra_device_axes(dkernel, kernel)
@@ -83,8 +89,9 @@ def _narrow_conv_bwd(compute_dtype, res, dy):
 _narrow_conv.defvjp(_narrow_conv_fwd, _narrow_conv_bwd)
 
 
-def conv3x3_narrow(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-                   compute_dtype: Any = None) -> jax.Array:
+def conv3x3_narrow(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, compute_dtype: Any = None
+) -> jax.Array:
   """`conv3x3(x, kernel) + bias` (stride 1, zero padding 1) in tap-GEMM form.
 
   Args:
@@ -107,4 +114,5 @@ class NarrowConv(UpConv):
   without changing the parameter tree. (Fields and parameters as `UpConv`, without the
   upsampling.)
   """
+
   conv = staticmethod(conv3x3_narrow)

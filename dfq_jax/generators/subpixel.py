@@ -21,13 +21,12 @@ padded by one row/column on the side it does not reach):
 All three are plain `lax.conv`s at low resolution with 4*cout channels.
 
 Why: the sub-pixel form has 4/9 x (H+1)(W+1)/(HW) of the multiply-adds of the original,
-and at low resolution with wide channels every conv runs near the machine's peak (CIFAR
-generator, batch 200, 2-core CPU: the 16->32 conv forward 57 ms = 280 GFLOP/s). On CPU
+and at low resolution with wide channels every conv runs near the machine's peak. On CPU
 compile with `dfq_jax.xla_options.compiler_options()` (the training step does): XLA's
-default YNNPACK kernels run the two backward convs 2-6x slower than its Eigen ones.
+default YNNPACK kernels are slower than its Eigen ones on the two backward convs.
 The backward is written out (`jax.custom_vjp`) so that it stays these three convs and the
-kernel-fold transpose; `bench_subpixel.py` measures it. (A first version ran all three as
-im2col GEMMs; the convs are 25-30 % faster at batch 200.)
+kernel-fold transpose (plain convs, not im2col GEMMs). `bench_subpixel.py` measures it;
+the numbers are in the README's speed section.
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ def subpixel_kernel(kernel: jax.Array) -> jax.Array:
   output phase (a, b) (output pixel (2i+a, 2j+b)).
   """
   ci, co = kernel.shape[2], kernel.shape[3]
-  w = _fold_taps(kernel, 0)                # [kh, a, 3, ci, co]
-  w = _fold_taps(w, 2)                     # [kh, a, kw, b, ci, co]
+  w = _fold_taps(kernel, 0)  # [kh, a, 3, ci, co]
+  w = _fold_taps(w, 2)  # [kh, a, kw, b, ci, co]
   w = jnp.transpose(w, (0, 2, 4, 1, 3, 5))  # [kh, kw, ci, a, b, co]
   return w.reshape(4 * ci, 4 * co)
 
@@ -69,8 +68,7 @@ def _unfold_taps(d: jax.Array, axis: int) -> jax.Array:
   t0 = jnp.take(d, 0, axis=axis)  # tap 0: [phase 0 -> w0, phase 1 -> w0 + w1]
   t1 = jnp.take(d, 1, axis=axis)  # tap 1: [phase 0 -> w1 + w2, phase 1 -> w2]
   p = lambda t, a: jnp.take(t, a, axis=axis)
-  return jnp.stack([p(t0, 0) + p(t0, 1), p(t0, 1) + p(t1, 0), p(t1, 0) + p(t1, 1)],
-                   axis=axis)
+  return jnp.stack([p(t0, 0) + p(t0, 1), p(t0, 1) + p(t1, 0), p(t1, 0) + p(t1, 1)], axis=axis)
 
 
 def kernel_grad_from_subpixel(dw2: jax.Array, ci: int, co: int) -> jax.Array:
@@ -79,25 +77,30 @@ def kernel_grad_from_subpixel(dw2: jax.Array, ci: int, co: int) -> jax.Array:
   Written out (not `jax.linear_transpose`, whose cotangent type check rejects the
   device-varying values inside `jax.shard_map`).
   """
-  d = dw2.reshape(2, 2, ci, 2, 2, co)       # [kh, kw, ci, a, b, co]
+  d = dw2.reshape(2, 2, ci, 2, 2, co)  # [kh, kw, ci, a, b, co]
   d = jnp.transpose(d, (0, 3, 1, 4, 2, 5))  # [kh, a, kw, b, ci, co]
-  d = _unfold_taps(d, 2)                    # [kh, a, 3, ci, co]
-  return _unfold_taps(d, 0)                 # [3, 3, ci, co]
+  d = _unfold_taps(d, 2)  # [kh, a, 3, ci, co]
+  return _unfold_taps(d, 0)  # [3, 3, ci, co]
 
 
 def _interleave(z: jax.Array, h: int, w: int, co: int) -> jax.Array:
   """Z [B, H+1, W+1, (a,b,co)] -> y [B, 2H, 2W, co] with y[2i+a, 2j+b] = Z[i+a, j+b, (a,b)]."""
   z = z.reshape(z.shape[0], h + 1, w + 1, 2, 2, co)
-  rows = [jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
+  rows = [jnp.stack([z[:, a : a + h, b : b + w, a, b] for b in (0, 1)], axis=3) for a in (0, 1)]
   return jnp.stack(rows, axis=2).reshape(z.shape[0], 2 * h, 2 * w, co)
 
 
 def _deinterleave(dy: jax.Array, h: int, w: int, co: int) -> jax.Array:
   """Transpose of `_interleave`: dy [B, 2H, 2W, co] -> dZ [B, H+1, W+1, (a,b,co)]."""
   d = dy.reshape(dy.shape[0], h, 2, w, 2, co)
-  return jnp.concatenate([
+  return jnp.concatenate(
+    [
       jnp.pad(d[:, :, a, :, b], ((0, 0), (a, 1 - a), (b, 1 - b), (0, 0)))
-      for a in (0, 1) for b in (0, 1)], axis=-1)
+      for a in (0, 1)
+      for b in (0, 1)
+    ],
+    axis=-1,
+  )
 
 
 def _pad1(x: jax.Array) -> jax.Array:
@@ -133,9 +136,14 @@ def _upconv_fwd(x, kernel, compute_dtype):
   _, h, w, _ = x.shape
   co = kernel.shape[-1]
   acc = accumulation_dtype(x, kernel)
-  z = jax.lax.conv_general_dilated(_pad1(cast_to(x, compute_dtype)),
-                                   _conv_kernel(kernel, acc, compute_dtype), (1, 1), "VALID",
-                                   dimension_numbers=_DN, preferred_element_type=acc)
+  z = jax.lax.conv_general_dilated(
+    _pad1(cast_to(x, compute_dtype)),
+    _conv_kernel(kernel, acc, compute_dtype),
+    (1, 1),
+    "VALID",
+    dimension_numbers=_DN,
+    preferred_element_type=acc,
+  )
   y = _interleave(z, h, w, co).astype(jnp.promote_types(x.dtype, kernel.dtype))
   return y, (x, kernel)
 
@@ -145,17 +153,23 @@ def _upconv_bwd(compute_dtype, res, dy):
   _, h, w, ci = x.shape
   co = kernel.shape[-1]
   acc = accumulation_dtype(x, kernel)
-  dz = _deinterleave(cast_to(dy, compute_dtype), h, w, co)   # [B, H+1, W+1, 4co]
-  w2 = _conv_kernel(kernel, acc, compute_dtype)             # [2, 2, ci, 4co]
+  dz = _deinterleave(cast_to(dy, compute_dtype), h, w, co)  # [B, H+1, W+1, 4co]
+  w2 = _conv_kernel(kernel, acc, compute_dtype)  # [2, 2, ci, 4co]
   # Input gradient: 2x2 VALID conv of dZ with the flipped, transposed kernel.
-  w2t = jnp.transpose(w2[::-1, ::-1], (0, 1, 3, 2))          # [2, 2, 4co, ci]
-  dx = jax.lax.conv_general_dilated(dz, w2t, (1, 1), "VALID", dimension_numbers=_DN,
-                                    preferred_element_type=acc)
+  w2t = jnp.transpose(w2[::-1, ::-1], (0, 1, 3, 2))  # [2, 2, 4co, ci]
+  dx = jax.lax.conv_general_dilated(
+    dz, w2t, (1, 1), "VALID", dimension_numbers=_DN, preferred_element_type=acc
+  )
   # Kernel gradient: correlation of xp with dZ over batch and space (batch <-> feature
   # swapped), mapped back through the fold.
-  dw2 = jax.lax.conv_general_dilated(_pad1(cast_to(x, compute_dtype)), dz, (1, 1), "VALID",
-                                     dimension_numbers=("CHWN", "IHWO", "HWNC"),
-                                     preferred_element_type=acc)  # [2, 2, ci, 4co]
+  dw2 = jax.lax.conv_general_dilated(
+    _pad1(cast_to(x, compute_dtype)),
+    dz,
+    (1, 1),
+    "VALID",
+    dimension_numbers=("CHWN", "IHWO", "HWNC"),
+    preferred_element_type=acc,
+  )  # [2, 2, ci, 4co]
   dkernel = kernel_grad_from_subpixel(dw2.reshape(4 * ci, 4 * co), ci, co)
   dkernel = sum_over_extra_device_axes(dkernel, kernel)
   return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
@@ -179,8 +193,9 @@ def sum_over_extra_device_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
 _upconv.defvjp(_upconv_fwd, _upconv_bwd)
 
 
-def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-                       compute_dtype: Any = None) -> jax.Array:
+def upsample2x_conv3x3(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *, compute_dtype: Any = None
+) -> jax.Array:
   """`conv3x3_pad1(upsample_nearest_2x(x), kernel) + bias`, computed in sub-pixel form.
 
   Args:
@@ -198,8 +213,9 @@ def upsample2x_conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array | None =
 def apply_conv3x3(custom_conv, name: str, x, kernel, bias, compute_dtype):
   """Checks shapes, calls `custom_conv(x, kernel, compute_dtype)`, adds the bias."""
   if x.ndim != 4 or kernel.shape[:3] != (3, 3, x.shape[-1]):
-    raise ValueError(f"{name} wants x [B,H,W,C] and kernel [3,3,C,Cout]; got "
-                     f"{x.shape} and {kernel.shape}.")
+    raise ValueError(
+      f"{name} wants x [B,H,W,C] and kernel [3,3,C,Cout]; got {x.shape} and {kernel.shape}."
+    )
   compute_dtype = None if compute_dtype is None else np.dtype(compute_dtype)
   y = custom_conv(x, kernel, compute_dtype)
   if bias is not None:
@@ -214,6 +230,7 @@ class UpConv(nn.Module):
   same PyTorch-default initialisers and order), so it can replace `QConv` after
   `upsample_nearest_2x` under the same name without changing the parameter tree.
   """
+
   features: int
   dtype: Any = None  # compute dtype of the conv inputs (None = float32)
   conv = staticmethod(upsample2x_conv3x3)  # a class attribute, not a module field

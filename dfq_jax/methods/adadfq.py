@@ -17,28 +17,41 @@ from __future__ import annotations
 import types
 
 from dfq_jax import losses
+from dfq_jax.interfaces import no_constants
 
 USES_STUDENT_IN_GENERATOR_LOSS = True
 
 
 def hparams(config):
   c = config.adadfq
-  return types.SimpleNamespace(lambda_l=c.lambda_l, lambda_u=c.lambda_u, alpha_ds=c.alpha_ds,
-                               alpha_as=c.alpha_as, beta=c.beta, gamma=c.gamma,
-                               temperature=c.temperature)
+  return types.SimpleNamespace(
+    lambda_l=c.lambda_l,
+    lambda_u=c.lambda_u,
+    alpha_ds=c.alpha_ds,
+    alpha_as=c.alpha_as,
+    beta=c.beta,
+    gamma=c.gamma,
+    temperature=c.temperature,
+  )
 
 
-def init_constants(hp, teacher_bn_stats_fn, running_stats, key, image_shape):
-  del hp, teacher_bn_stats_fn, running_stats, key, image_shape
-  return {}
+init_constants = no_constants
 
 
-def generator_loss(hp, *, images, labels, teacher_logits, bn_stats, running_stats,
-                   student_logits, constants, key):
+def generator_loss(
+  hp, *, images, labels, teacher_logits, bn_stats, running_stats, student_logits, constants, key
+):
   del images, constants, key
   loss, terms = losses.adadfq_generator_loss(
-      teacher_logits, student_logits, labels, lambda_l=hp.lambda_l, lambda_u=hp.lambda_u,
-      alpha_ds=hp.alpha_ds, alpha_as=hp.alpha_as, beta=hp.beta)
+    student_logits,
+    teacher_logits,
+    labels,
+    lambda_l=hp.lambda_l,
+    lambda_u=hp.lambda_u,
+    alpha_ds=hp.alpha_ds,
+    alpha_as=hp.alpha_as,
+    beta=hp.beta,
+  )
   bns = losses.bn_stat_loss(bn_stats, running_stats)
   terms = dict(terms, bns=bns)
   return loss + hp.gamma * bns, terms
@@ -46,6 +59,5 @@ def generator_loss(hp, *, images, labels, teacher_logits, bn_stats, running_stat
 
 def student_loss(hp, *, student_logits, teacher_logits, labels):
   del labels
-  loss = losses.adadfq_student_loss(teacher_logits, student_logits,
-                                    temperature=hp.temperature)
+  loss = losses.adadfq_student_loss(student_logits, teacher_logits, temperature=hp.temperature)
   return loss, {"entropy_loss": loss}

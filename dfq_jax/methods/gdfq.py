@@ -3,8 +3,8 @@ arXiv:2003.03603; methods.md §3).
 
 Generator: L_G = CE(P(x), y) + 0.1 * L_BNS (knowledge matching: class boundary + BN
 statistics of the teacher). Student: L_Q = CE(Q(x), y) + alpha * T^2 * KL(t/T || q/T),
-T = 20, alpha = 1. The original code's KL is the mean over B*C elements (parity); the
-default is the batch-mean KL.
+T = 20, alpha = 1. The original code's KL is the mean over B*C elements
+(gdfq.kd_reduction='elementwise_mean', set by parity); the default is the batch-mean KL.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import types
 import jax.numpy as jnp
 
 from dfq_jax import losses
+from dfq_jax.interfaces import no_constants
 
 USES_STUDENT_IN_GENERATOR_LOSS = False
 
@@ -21,17 +22,19 @@ USES_STUDENT_IN_GENERATOR_LOSS = False
 def hparams(config):
   c = config.gdfq
   return types.SimpleNamespace(
-      bns_weight=c.bns_weight, temperature=c.kd_temperature, alpha=c.kd_alpha,
-      reduction="elementwise_mean" if config.parity else c.kd_reduction)
+    bns_weight=c.bns_weight,
+    temperature=c.kd_temperature,
+    alpha=c.kd_alpha,
+    reduction=c.kd_reduction,
+  )
 
 
-def init_constants(hp, teacher_bn_stats_fn, running_stats, key, image_shape):
-  del hp, teacher_bn_stats_fn, running_stats, key, image_shape
-  return {}
+init_constants = no_constants
 
 
-def generator_loss(hp, *, images, labels, teacher_logits, bn_stats, running_stats,
-                   student_logits, constants, key):
+def generator_loss(
+  hp, *, images, labels, teacher_logits, bn_stats, running_stats, student_logits, constants, key
+):
   del images, student_logits, constants, key
   ce = jnp.mean(losses.cross_entropy(teacher_logits, labels))
   bns = losses.bn_stat_loss(bn_stats, running_stats)
@@ -39,7 +42,12 @@ def generator_loss(hp, *, images, labels, teacher_logits, bn_stats, running_stat
 
 
 def student_loss(hp, *, student_logits, teacher_logits, labels):
-  loss, terms = losses.kd_loss_gdfq(student_logits, teacher_logits, labels,
-                                    temperature=hp.temperature, alpha=hp.alpha,
-                                    reduction=hp.reduction)
+  loss, terms = losses.kd_loss_gdfq(
+    student_logits,
+    teacher_logits,
+    labels,
+    temperature=hp.temperature,
+    alpha=hp.alpha,
+    reduction=hp.reduction,
+  )
   return loss, terms

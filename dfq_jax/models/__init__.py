@@ -16,19 +16,19 @@ from dfq_jax.models.resnet_cifar import ResNetCifar
 from dfq_jax.models.resnet_imagenet import ResNet
 
 MODELS = {
-    "resnet8_cifar": functools.partial(ResNetCifar, depth=8),
-    "resnet20_cifar": functools.partial(ResNetCifar, depth=20),
-    "resnet32_cifar": functools.partial(ResNetCifar, depth=32),
-    "resnet44_cifar": functools.partial(ResNetCifar, depth=44),
-    "resnet56_cifar": functools.partial(ResNetCifar, depth=56),
-    "resnet18": functools.partial(ResNet, depth=18),
-    "resnet34": functools.partial(ResNet, depth=34),
-    "resnet50": functools.partial(ResNet, depth=50, conv1_stride=True),
-    "resnet50_torchvision": functools.partial(ResNet, depth=50, conv1_stride=False),
-    "mobilenetv2": functools.partial(MobileNetV2, expand_first_block=True,
-                                     classifier_bias=False),
-    "mobilenetv2_torchvision": functools.partial(MobileNetV2, expand_first_block=False,
-                                                 classifier_bias=True),
+  "resnet8_cifar": functools.partial(ResNetCifar, depth=8),
+  "resnet20_cifar": functools.partial(ResNetCifar, depth=20),
+  "resnet32_cifar": functools.partial(ResNetCifar, depth=32),
+  "resnet44_cifar": functools.partial(ResNetCifar, depth=44),
+  "resnet56_cifar": functools.partial(ResNetCifar, depth=56),
+  "resnet18": functools.partial(ResNet, depth=18),
+  "resnet34": functools.partial(ResNet, depth=34),
+  "resnet50": functools.partial(ResNet, depth=50, conv1_stride=True),
+  "resnet50_torchvision": functools.partial(ResNet, depth=50, conv1_stride=False),
+  "mobilenetv2": functools.partial(MobileNetV2, expand_first_block=True, classifier_bias=False),
+  "mobilenetv2_torchvision": functools.partial(
+    MobileNetV2, expand_first_block=False, classifier_bias=True
+  ),
 }
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dfq_jax.quant.layers import QConv
+from dfq_jax.stats import combine_moments
 
 BN_STATS = "bn_stats"
 
@@ -29,17 +30,6 @@ def _per_sample_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   mean = jnp.mean(x, axis=axes)
   var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
   return mean, var
-
-
-def combine_moments(mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Batch mean and biased variance [C] from per-sample mean and biased var [B, C].
-
-  Law of total variance: Var = E_b[var_b] + E_b[(mean_b - mean)^2]. Exact when every
-  sample has the same number of spatial positions.
-  """
-  batch_mean = jnp.mean(mean, axis=0)
-  batch_var = jnp.mean(var, axis=0) + jnp.mean(jnp.square(mean - batch_mean), axis=0)
-  return batch_mean, batch_var
 
 
 def batch_moments(bn_stats):
@@ -68,6 +58,7 @@ class BatchNorm(nn.Module):
       False for layers that only ever run in train mode (the generators).
     axis_name: mapped axis for cross-device batch statistics in train mode.
   """
+
   use_running_average: bool = True
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -103,8 +94,11 @@ class BatchNorm(nn.Module):
         var = jnp.mean(jnp.square(xf - mean), axis=axes)
       else:
         var = jnp.maximum(sq - jnp.square(mean), 0.0)
-      if (self.track_running_stats and self.is_mutable_collection("batch_stats")
-          and not self.is_initializing()):
+      if (
+        self.track_running_stats
+        and self.is_mutable_collection("batch_stats")
+        and not self.is_initializing()
+      ):
         n = x.size // channels
         unbiased = var * n / max(n - 1, 1)
         m = self.momentum
@@ -126,6 +120,7 @@ def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: 
   """
   if stride == 1 and x.shape[-1] == features:
     return x
-  x = QConv(features, (1, 1), (stride, stride), padding="VALID", quant=quant,
-            name="shortcut_conv")(x)
+  x = QConv(features, (1, 1), (stride, stride), padding="VALID", quant=quant, name="shortcut_conv")(
+    x
+  )
   return BatchNorm(use_running_average=not train, name="shortcut_bn")(x)

@@ -33,19 +33,24 @@ STEM_FEATURES = 32
 HEAD_FEATURES = 1280
 # (expansion t, output channels c, repeats n, stride of the first repeat s): paper Table 2.
 INVERTED_RESIDUAL_SETTING = (
-    (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-    (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1),
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
 )
 
 
 def block_specs() -> list[tuple[int, int, int]]:
   """(expansion, out_features, stride) of the 17 blocks, in order."""
-  return [(t, c, s if i == 0 else 1)
-          for t, c, n, s in INVERTED_RESIDUAL_SETTING for i in range(n)]
+  return [(t, c, s if i == 0 else 1) for t, c, n, s in INVERTED_RESIDUAL_SETTING for i in range(n)]
 
 
 class InvertedResidual(nn.Module):
   """[conv1x1-BN-ReLU6] - dw3x3-BN-ReLU6 - conv1x1-BN (+ input)."""
+
   out_features: int
   stride: int = 1
   expansion: int = 6
@@ -63,8 +68,14 @@ class InvertedResidual(nn.Module):
       y = QuantAct(self.quant, name="expand_act")(nn.relu6(bn("expand_bn")(y)))
     elif self.expansion != 1:
       raise ValueError("an inverted residual without expansion conv needs expansion 1.")
-    y = QConv(mid, (3, 3), (self.stride, self.stride), feature_group_count=mid,
-              quant=self.quant, name="dw_conv")(y)
+    y = QConv(
+      mid,
+      (3, 3),
+      (self.stride, self.stride),
+      feature_group_count=mid,
+      quant=self.quant,
+      name="dw_conv",
+    )(y)
     y = QuantAct(self.quant, name="dw_act")(nn.relu6(bn("dw_bn")(y)))
     y = QConv(self.out_features, (1, 1), quant=self.quant, name="project_conv")(y)
     y = bn("project_bn")(y)
@@ -88,6 +99,7 @@ class MobileNetV2(nn.Module):
   `expand_conv`/`expand_bn`/`expand_act`, `dw_conv`/`dw_bn`/`dw_act`,
   `project_conv`/`project_bn`; `head_conv`/`head_bn`/`head_act`; `classifier`.
   """
+
   num_classes: int = 1000
   expand_first_block: bool = True
   classifier_bias: bool = False
@@ -97,14 +109,19 @@ class MobileNetV2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns logits [B, num_classes]."""
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)
-    x = QConv(STEM_FEATURES, (3, 3), (2, 2), quant=self.quant, role="first",
-              name="stem_conv")(x)
+    x = QConv(STEM_FEATURES, (3, 3), (2, 2), quant=self.quant, role="first", name="stem_conv")(x)
     x = QuantAct(self.quant, name="stem_act")(nn.relu6(bn("stem_bn")(x)))
     for i, (t, c, s) in enumerate(block_specs()):
-      x = InvertedResidual(c, s, t, expand_conv=(t != 1 or self.expand_first_block),
-                           quant=self.quant, name=f"block{i}")(x, train)
+      x = InvertedResidual(
+        c, s, t, expand_conv=(t != 1 or self.expand_first_block), quant=self.quant, name=f"block{i}"
+      )(x, train)
     x = QConv(HEAD_FEATURES, (1, 1), quant=self.quant, name="head_conv")(x)
     x = QuantAct(self.quant, name="head_act")(nn.relu6(bn("head_bn")(x)))
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, use_bias=self.classifier_bias, quant=self.quant,
-                  role="last", name="classifier")(x)
+    return QDense(
+      self.num_classes,
+      use_bias=self.classifier_bias,
+      quant=self.quant,
+      role="last",
+      name="classifier",
+    )(x)

@@ -24,6 +24,7 @@ from dfq_jax.quant.layers import QConv, QDense, QuantAct, QuantPolicy
 
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU (also the ImageNet ResNet-18/34 block)."""
+
   planes: int
   stride: int = 1
   shortcut: str = "A"
@@ -59,6 +60,7 @@ class ResNetCifar(nn.Module):
     width: channels of the first stage (16 in the papers).
     quant: None for the full-precision teacher, a QuantPolicy for the student.
   """
+
   depth: int = 20
   num_classes: int = 10
   shortcut: str = "A"
@@ -80,7 +82,8 @@ class ResNetCifar(nn.Module):
       planes = self.width * 2**stage
       for block in range(n):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(planes, stride, self.shortcut, self.quant,
-                       name=f"layer{stage + 1}_{block}")(x, train)
+        x = BasicBlock(planes, stride, self.shortcut, self.quant, name=f"layer{stage + 1}_{block}")(
+          x, train
+        )
     x = jnp.mean(x, axis=(1, 2))
     return QDense(self.num_classes, quant=self.quant, role="last", name="linear")(x)

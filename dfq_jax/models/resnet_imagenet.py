@@ -31,23 +31,29 @@ from dfq_jax.quant.layers import QConv, QDense, QuantAct, QuantPolicy
 
 # depth -> (block kind, blocks per stage)
 RESNET_SPECS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
-    152: ("bottleneck", (3, 8, 36, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
+  152: ("bottleneck", (3, 8, 36, 3)),
 }
 
 
 def max_pool_torch(x: jax.Array, window: int = 3, stride: int = 2, pad: int = 1) -> jax.Array:
   """`torch.nn.MaxPool2d(window, stride, pad)` on NHWC: pads with -inf, floor mode."""
   return jax.lax.reduce_window(
-      x, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1),
-      ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    (1, window, window, 1),
+    (1, stride, stride, 1),
+    ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+  )
 
 
 class Bottleneck(nn.Module):
   """conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN (+ shortcut) -ReLU; 4*planes outputs."""
+
   planes: int
   stride: int = 1
   conv1_stride: bool = True
@@ -83,6 +89,7 @@ class ResNet(nn.Module):
   block from 0) holding `conv{k}`, `bn{k}`, `act{k}`, `shortcut_conv`, `shortcut_bn`;
   classifier `fc`.
   """
+
   depth: int = 18
   num_classes: int = 1000
   conv1_stride: bool = True
@@ -93,8 +100,9 @@ class ResNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns logits [B, num_classes]."""
     if self.depth not in RESNET_SPECS:
-      raise ValueError(f"ImageNet ResNet depth must be one of {sorted(RESNET_SPECS)}; "
-                       f"got {self.depth}.")
+      raise ValueError(
+        f"ImageNet ResNet depth must be one of {sorted(RESNET_SPECS)}; got {self.depth}."
+      )
     kind, stage_sizes = RESNET_SPECS[self.depth]
     x = QConv(self.width, (7, 7), (2, 2), quant=self.quant, role="first", name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))

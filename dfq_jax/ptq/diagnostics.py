@@ -58,11 +58,13 @@ def _layer_arrays(node: Mapping, running: Mapping, path: tuple, eps: float):
   rv = np.asarray(running["var"], np.float64)
   name = "/".join(map(str, path))
   if mu.ndim != 2 or var.shape != mu.shape:
-    raise ValueError(f"{name}: per-sample statistics must be [B, C]; got mean {mu.shape}, "
-                     f"var {var.shape}.")
+    raise ValueError(
+      f"{name}: per-sample statistics must be [B, C]; got mean {mu.shape}, var {var.shape}."
+    )
   if m.shape != mu.shape[1:] or rv.shape != mu.shape[1:]:
-    raise ValueError(f"{name}: running statistics must be [{mu.shape[1]}]; got mean "
-                     f"{m.shape}, var {rv.shape}.")
+    raise ValueError(
+      f"{name}: running statistics must be [{mu.shape[1]}]; got mean {m.shape}, var {rv.shape}."
+    )
   return mu, np.sqrt(var + eps), m, np.sqrt(rv + eps)
 
 
@@ -82,13 +84,15 @@ def spread_from_stats(bn_stats: Tree, running: Tree, *, eps: float = EPS) -> dic
   per_layer = []
   for path, node in layer_items(bn_stats):
     mu, s, m, r = _layer_arrays(node, lookup_layer(running, path), path, eps)
-    per_layer.append({
+    per_layer.append(
+      {
         "layer": "/".join(map(str, path)),
         "mean_spread": float(np.mean(np.std(mu, axis=0) / r)),
         "std_spread": float(np.mean(np.std(s, axis=0) / r)),
         "mean_gap": float(np.mean(np.mean(np.abs(mu - m), axis=0) / r)),
         "std_gap": float(np.mean(np.mean(np.abs(s - r), axis=0) / r)),
-    })
+      }
+    )
   if not per_layer:
     raise ValueError("The BN-statistics tree holds no {'mean', 'var'} layer nodes.")
   out = {"per_layer": per_layer}
@@ -120,8 +124,9 @@ def mean_pairwise_cosine(rows) -> float:
   total = None
   diag = 0.0
   for start in range(0, n, _COSINE_BLOCK):
-    block = np.asarray(rows[start:start + _COSINE_BLOCK], np.float64).reshape(
-        min(_COSINE_BLOCK, n - start), -1)
+    block = np.asarray(rows[start : start + _COSINE_BLOCK], np.float64).reshape(
+      min(_COSINE_BLOCK, n - start), -1
+    )
     norms = np.linalg.norm(block, axis=1, keepdims=True)
     u = np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
     part = u.sum(axis=0)
@@ -189,7 +194,7 @@ def diversity_stats(model, variables, images, *, batch_size: int = 256) -> dict:
   order = _network_order(model, variables, images[:bs])
   chunks: dict[tuple, dict[str, list]] = {path: {"mean": [], "var": []} for path in order}
   for start in range(0, n, bs):
-    batch = images[start:start + bs]
+    batch = images[start : start + bs]
     valid = batch.shape[0]
     if valid < bs:
       pad = np.repeat(batch[-1:], bs - valid, axis=0)
@@ -198,8 +203,9 @@ def diversity_stats(model, variables, images, *, batch_size: int = 256) -> dict:
     for path, node in layer_items(stats):
       chunks[path]["mean"].append(np.asarray(node["mean"])[:valid])
       chunks[path]["var"].append(np.asarray(node["var"])[:valid])
-  bn_stats = _nest([(path, {k: np.concatenate(v, axis=0) for k, v in chunks[path].items()})
-                    for path in order])
+  bn_stats = _nest(
+    [(path, {k: np.concatenate(v, axis=0) for k, v in chunks[path].items()}) for path in order]
+  )
 
   out = spread_from_stats(bn_stats, running)
   out["cosine_images"] = mean_pairwise_cosine(images)
@@ -236,8 +242,12 @@ def plot_diversity(named_stats: dict[str, dict], path: str) -> None:
   keys = ("cosine_images", "cosine_features")
   width = 0.8 / len(named_stats)
   for i, (name, stats) in enumerate(named_stats.items()):
-    ax_cos.bar(np.arange(len(keys)) + (i - (len(named_stats) - 1) / 2) * width,
-               [stats[k] for k in keys], width, label=name)
+    ax_cos.bar(
+      np.arange(len(keys)) + (i - (len(named_stats) - 1) / 2) * width,
+      [stats[k] for k in keys],
+      width,
+      label=name,
+    )
   ax_cos.set_xticks(np.arange(len(keys)), keys)
   ax_cos.set_title("mean pairwise cosine (lower = more diverse)")
   ax_cos.axhline(0.0, color="black", lw=0.8)
@@ -253,10 +263,8 @@ def plot_diversity(named_stats: dict[str, dict], path: str) -> None:
 
 def format_table(named_stats: dict[str, dict]) -> str:
   """Markdown table, one row per set."""
-  cols = ("mean_spread", "std_spread", "mean_gap", "std_gap", "cosine_images",
-          "cosine_features")
-  lines = ["| set | images | " + " | ".join(cols) + " |",
-           "|---|---:|" + "---:|" * len(cols)]
+  cols = ("mean_spread", "std_spread", "mean_gap", "std_gap", "cosine_images", "cosine_features")
+  lines = ["| set | images | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
   for name, stats in named_stats.items():
     values = " | ".join(f"{stats[c]:.4f}" for c in cols)
     lines.append(f"| {name} | {stats['num_images']} | {values} |")

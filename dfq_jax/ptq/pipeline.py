@@ -1,39 +1,31 @@
 """One data-free PTQ run: synthesise -> calibrate -> evaluate -> diagnose (methods.md §4.1).
 
-    synthetic set    optimised images (synthesis.py), saved to <workdir>/synthetic.npz after
-                     every batch (a rerun resumes at the next batch), or read from
-                     ptq.samples_path
-    calibration      the student (teacher weights, per-channel weight ranges) gets its
-                     activation ranges from the synthetic set with calib.method
-    evaluation       top-1 of the calibrated student on the real evaluation set
-    diagnostics      diversity of the synthetic set (and of as many real images):
-                     diversity.json, diversity.png, samples/synthetic.png
+synthetic set    optimised images (synthesis.py), saved to <workdir>/synthetic.npz after
+                 every batch (a rerun resumes at the next batch), or read from
+                 ptq.samples_path
+calibration      the student (teacher weights, per-channel weight ranges) gets its
+                 activation ranges from the synthetic set with calib.method
+evaluation       top-1 of the calibrated student on the real evaluation set
+diagnostics      diversity of the synthetic set (and of as many real images):
+                 diversity.json, diversity.png, samples/synthetic.png
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
-from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 
-from dfq_jax import experiment
 from dfq_jax import metrics as metrics_lib
-from dfq_jax import xla_options
-from dfq_jax.ptq import synthesis
+from dfq_jax import parallel, xla_options
+from dfq_jax.data import eval_set as eval_set_lib
+from dfq_jax.ptq import diagnostics, synthesis
+from dfq_jax.quant import calibration
 
 SAMPLES_FILE = "synthetic.npz"
-
-
-def _global_to_host(a) -> np.ndarray:
-  """The whole of a batch-sharded array on this host (gathered when it spans processes)."""
-  if isinstance(a, jax.Array) and not a.is_fully_addressable:
-    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-  return np.asarray(jax.device_get(a))
 
 
 def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -56,13 +48,16 @@ def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.
       seconds = float(f["synthesis_s"])
     log(f"Resumed the synthetic set: {done}/{hp.batches} batches in {path}.")
   key = jax.random.fold_in(jax.random.key(config.seed), 11)
-  synth = synthesis.make_synthesizer(hp, models.teacher, models.teacher_vars,
-                                     jax.random.fold_in(key, 0), models.image_shape,
-                                     models.num_classes,
-                                     compiler_options=xla_options.compiler_options(
-                                         config.cpu_conv_kernels))
-  writer = metrics_lib.MetricWriter(workdir, resume_step=len(images) * hp.steps,
-                                    tensorboard=False)
+  synth = synthesis.make_synthesizer(
+    hp,
+    models.teacher,
+    models.teacher_vars,
+    jax.random.fold_in(key, 0),
+    models.image_shape,
+    models.num_classes,
+    compiler_options=xla_options.compiler_options(config.cpu_conv_kernels),
+  )
+  writer = metrics_lib.MetricWriter(workdir, resume_step=len(images) * hp.steps, tensorboard=False)
   try:
     for b in range(len(images), hp.batches):
       t0 = time.perf_counter()
@@ -70,17 +65,25 @@ def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.
       def log_step(t, values, b=b):
         writer.write(b * hp.steps + t, {f"synthesis/{k}": v for k, v in values.items()})
 
-      x, y, last = synth.run_batch(jax.random.fold_in(key, b + 1), log=log_step,
-                                   log_every=config.ptq.log_every_steps)
-      images.append(_global_to_host(x))
-      labels.append(_global_to_host(y))
+      x, y, last = synth.run_batch(
+        jax.random.fold_in(key, b + 1), log=log_step, log_every=config.ptq.log_every_steps
+      )
+      images.append(parallel.global_to_host(x))
+      labels.append(parallel.global_to_host(y))
       seconds += time.perf_counter() - t0
-      log(f"Synthetic batch {b + 1}/{hp.batches}: {hp.steps} steps in "
-          f"{time.perf_counter() - t0:.1f} s, final loss {last['loss']:.4g} "
-          f"(bn {last['bn']:.4g}).")
+      log(
+        f"Synthetic batch {b + 1}/{hp.batches}: {hp.steps} steps in "
+        f"{time.perf_counter() - t0:.1f} s, final loss {last['loss']:.4g} "
+        f"(bn {last['bn']:.4g})."
+      )
       if metrics_lib.is_writer():
-        synthesis.save_samples(path, np.concatenate(images), np.concatenate(labels),
-                               batches_done=len(images), synthesis_s=seconds)
+        synthesis.save_samples(
+          path,
+          np.concatenate(images),
+          np.concatenate(labels),
+          batches_done=len(images),
+          synthesis_s=seconds,
+        )
   finally:
     writer.close()
   return np.concatenate(images), np.concatenate(labels), {"synthesis_s": seconds}
@@ -89,59 +92,73 @@ def synthesize(config, models, workdir: str, log=print) -> tuple[np.ndarray, np.
 def calibrate(config, models, images: np.ndarray) -> tuple[dict, float]:
   """The student's variables with activation ranges from `images`; and the seconds taken."""
   t0 = time.perf_counter()
-  student_init = models.student.init(jax.random.key(0), jnp.zeros((1, *models.image_shape)))
-  variables = {**models.teacher_vars, "quant_stats": student_init.get("quant_stats", {})}
   batch = config.ptq.batch_size
-  batches = (images[i:i + batch] for i in range(0, len(images), batch))
-  variables["quant_stats"] = experiment.calibrate_ranges(
-      models.student, variables, batches, observer=config.calib.method,
-      percentile=config.calib.percentile)
+  batches = (images[i : i + batch] for i in range(0, len(images), batch))
+  variables = calibration.calibrated_student(
+    models.student,
+    models.teacher_vars,
+    models.image_shape,
+    batches,
+    observer=config.calib.method,
+    percentile=config.calib.percentile,
+  )
   jax.block_until_ready(variables["quant_stats"])
   return variables, time.perf_counter() - t0
 
 
-def real_images(config, norm, count: int) -> np.ndarray:
-  """`count` normalised real images of calib.split (the diagnostics' reference)."""
-  real = experiment.load_eval_set(config, split=config.calib.split, limit=count)
-  mean, std = np.asarray(norm.mean, np.float32), np.asarray(norm.std, np.float32)
-  return (real.images[:count].astype(np.float32) / 255.0 - mean) / std
-
-
-def run_ptq(config, workdir: str, models, evaluate_student: Callable[[dict], float], norm,
-            log=print) -> dict:
+def run_ptq(
+  config, workdir: str, models, evaluate_student: Callable[[dict], float], norm, log=print
+) -> dict:
   """Synthesis, calibration, evaluation and diagnostics; returns the PTQ part of results."""
-  from dfq_jax.ptq import diagnostics  # pylint: disable=g-import-not-at-top
   images, labels, info = synthesize(config, models, workdir, log=log)
   student_vars, calibration_s = calibrate(config, models, images)
   top1 = evaluate_student(student_vars)
-  log(f"{config.method} {models.student.quant.describe()}, calibration "
-      f"{config.calib.method} on {len(images)} synthetic images: top-1 {top1:.2f} %.")
-  out = {"final_top1": top1, "best_top1": top1, "best_step": -1,
-         "best_is_test_selected": False, "steps": int(config.ptq.steps),
-         "synthetic_images": int(len(images)), "calibration_method": config.calib.method,
-         "calibration_s": calibration_s, **info}
+  log(
+    f"{config.method} {models.student.quant.describe()}, calibration "
+    f"{config.calib.method} on {len(images)} synthetic images: top-1 {top1:.2f} %."
+  )
+  out = {
+    "final_top1": top1,
+    "best_top1": top1,
+    "best_step": -1,
+    "best_is_test_selected": False,
+    "steps": int(config.ptq.steps),
+    "synthetic_images": int(len(images)),
+    "calibration_method": config.calib.method,
+    "calibration_s": calibration_s,
+    **info,
+  }
   if not metrics_lib.is_writer():
     return out
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  order = np.argsort(labels, kind="stable")[:min(len(images), 8 * models.num_classes)]
-  grid = metrics_lib.image_grid(images[order], norm.mean, norm.std,
-                                columns=min(models.num_classes, 16))
-  metrics_lib.save_png(os.path.join(workdir, "samples", "synthetic.png"), grid,
-                       upscale=max(1, 64 // models.image_shape[0]))
-  named = {config.method: diagnostics.diversity_stats(models.teacher, models.teacher_vars,
-                                                      images)}
+  order = np.argsort(labels, kind="stable")[: min(len(images), 8 * models.num_classes)]
+  grid = metrics_lib.image_grid(
+    images[order], norm.mean, norm.std, columns=min(models.num_classes, 16)
+  )
+  metrics_lib.save_png(
+    os.path.join(workdir, "samples", "synthetic.png"),
+    grid,
+    upscale=max(1, 64 // models.image_shape[0]),
+  )
+  named = {config.method: diagnostics.diversity_stats(models.teacher, models.teacher_vars, images)}
   if config.ptq.diagnose_real:
     try:
       named["real"] = diagnostics.diversity_stats(
-          models.teacher, models.teacher_vars, real_images(config, norm, len(images)))
+        models.teacher,
+        models.teacher_vars,
+        eval_set_lib.real_images(config, norm, config.calib.split, len(images)),
+      )
     except (FileNotFoundError, ValueError, KeyError) as e:
-      log(f"Diversity of real images skipped ({e}); set --config.ptq.diagnose_real=False "
-          "to silence this.")
+      log(
+        f"Diversity of real images skipped ({e}); set --config.ptq.diagnose_real=False "
+        "to silence this."
+      )
   metrics_lib.write_json_atomic(os.path.join(workdir, "diversity.json"), named)
   try:
     diagnostics.plot_diversity(named, os.path.join(workdir, "diversity.png"))
   except ImportError as e:
     log(f"diversity.png not written: {e}")
-  out["diversity"] = {name: {k: v for k, v in stats.items() if k != "per_layer"}
-                      for name, stats in named.items()}
+  out["diversity"] = {
+    name: {k: v for k, v in stats.items() if k != "per_layer"} for name, stats in named.items()
+  }
   return out

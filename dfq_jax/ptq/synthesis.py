@@ -15,7 +15,8 @@ teacher's BN statistics of each sample match the running statistics:
        + w_ce · CE(P(x), y)                random labels (the DSG code adds CE twice: 2)
        + w_tv · TV_l2(x_j) + w_l2 · ‖x_j‖  image priors on x rolled by a random offset
 
-Each term is switchable (`PtqHparams`); `PRESETS` hold the ZeroQ and DSG code settings.
+Each term is switchable (`PtqHparams`); `config_base.PTQ_PRESETS` hold the ZeroQ and DSG
+code settings.
 Optimiser: Adam on the pixels with torch's ReduceLROnPlateau (factor 0.1, relative
 threshold 1e-4, min lr 1e-4) inside the one jitted step, so the loop never waits on the
 host. Statistics use the unbiased spatial variance, as the PTQ code does.
@@ -26,7 +27,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,26 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dfq_jax import losses
+from dfq_jax import losses, parallel
 from dfq_jax import metrics as metrics_lib
 from dfq_jax.models.layers import BN_STATS, BatchNorm
 
-LSE_MODES = ("off", "ptq", "modulo")
+LSE_MODES = ("off", "diagonal", "modulo")
 SCI_MODES = ("off", "differentiable", "logged")
 INITS = ("uniform", "normal", "zeroq")
 # ZeroQ's UniformDataset: (randint(0, 255) - 127.5) / 5418.75, i.e. 255 levels in
 # [-0.0235, 0.0235] (5418.75 = (127 + 128)^2 / 12, the variance of U(-128, 127)).
 ZEROQ_INIT_LEVELS, ZEROQ_INIT_OFFSET, ZEROQ_INIT_SCALE = 255, 127.5, 5418.75
-
-# The original codes' settings (ZeroQ `distill_data.py`; DSG `post_training_quantization/
-# distill_data.py`). Applied by the ':zeroq_ptq' / ':dsg_ptq' config argument.
-PRESETS = {
-    "zeroq_ptq": dict(lr=0.5, plateau_patience=100, slack=False, lse="off", sci="off",
-                      ce_weight=0.0, tv_weight=0.0, l2_weight=0.0, jitter=0,
-                      batch_size=32, init="zeroq"),
-    "dsg_ptq": dict(lr=0.9, plateau_patience=260, slack=True, lse="ptq", sci="logged",
-                    ce_weight=2.0, tv_weight=0.01, l2_weight=0.01, jitter=30),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +60,8 @@ class PtqHparams:
       255 levels in [-0.0235, 0.0235]) or 'normal' (N(0, 1)).
     slack: DSG slack alignment with per-layer margins; False = ZeroQ (no margin).
     margin_percentile: ε of the margins (percentile of the initial batch's gaps).
-    lse: 'off', 'ptq' (code: sample b = layer l < 20 gets x2 on its residual) or
-      'modulo' (sample b enhances layer b mod L).
+    lse: 'off', 'diagonal' (code: sample b enhances layer b, for b < L: x2 on its
+      residual) or 'modulo' (sample b enhances layer b mod L).
     lse_factor: the residual factor of an enhanced (sample, layer) pair (2).
     sci: 'off', 'differentiable' (eigh form, paper intent) or 'logged' (code: the
       value is added but carries no gradient).
@@ -79,6 +71,7 @@ class PtqHparams:
     jitter: random roll offset range [-jitter, jitter) for the priors (30).
     input_prior: per-sample image mean 0 / std 1 term (both codes).
   """
+
   steps: int = 500
   lr: float = 0.9
   plateau_patience: int = 260
@@ -88,7 +81,7 @@ class PtqHparams:
   init: str = "uniform"
   slack: bool = True
   margin_percentile: float = 30.0
-  lse: str = "ptq"
+  lse: str = "diagonal"
   lse_factor: float = 2.0
   sci: str = "logged"
   sci_weight: float = 0.0
@@ -138,8 +131,12 @@ def bn_positions(model: nn.Module, variables: dict, image_shape) -> dict:
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
 
   def shapes(x):
-    _, state = model.apply(variables, x, mutable=[BN_STATS], capture_intermediates=(
-        lambda mdl, _: isinstance(mdl, BatchNorm)))
+    _, state = model.apply(
+      variables,
+      x,
+      mutable=[BN_STATS],
+      capture_intermediates=(lambda mdl, _: isinstance(mdl, BatchNorm)),
+    )
     return state["intermediates"]
 
   captured = jax.eval_shape(shapes, x)
@@ -159,6 +156,7 @@ class Synthesizer:
 
   Build with `make_synthesizer`; `run(key)` returns (images [N, H, W, C], labels [N]).
   """
+
   hp: PtqHparams
   image_shape: tuple
   num_classes: int
@@ -170,17 +168,21 @@ class Synthesizer:
 
   def init_carry(self, key):
     x = self._place(initial_images(self.hp, key, self.image_shape))
-    return {"x": x, "opt": optax.scale_by_adam().init(x),
-            "lr": jnp.asarray(self.hp.lr, jnp.float32),
-            "best": jnp.asarray(jnp.inf, jnp.float32),
-            "bad": jnp.zeros((), jnp.int32)}
+    return {
+      "x": x,
+      "opt": optax.scale_by_adam().init(x),
+      "lr": jnp.asarray(self.hp.lr, jnp.float32),
+      "best": jnp.asarray(jnp.inf, jnp.float32),
+      "bad": jnp.zeros((), jnp.int32),
+    }
 
   def run_batch(self, key, log=None, log_every: int = 100):
     """Optimises one batch; returns (images, labels, last metrics as floats)."""
     k_init, k_labels, k_steps = jax.random.split(key, 3)
     carry = self.init_carry(k_init)
-    labels = self._place(jax.random.randint(k_labels, (self.hp.batch_size,), 0,
-                                            self.num_classes, jnp.int32))
+    labels = self._place(
+      jax.random.randint(k_labels, (self.hp.batch_size,), 0, self.num_classes, jnp.int32)
+    )
     metrics = {}
     for t in range(self.hp.steps):
       carry, metrics = self.step(carry, labels, jax.random.fold_in(k_steps, t))
@@ -189,9 +191,18 @@ class Synthesizer:
     return carry["x"], labels, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def synthesis_loss(hp: PtqHparams, x: jax.Array, labels: jax.Array, key: jax.Array, *,
-                   teacher_apply: Callable, running: Any, margins: Any, positions: Any,
-                   num_layers: int) -> tuple[jax.Array, dict]:
+def synthesis_loss(
+  hp: PtqHparams,
+  x: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  *,
+  teacher_apply: Callable,
+  running: Any,
+  margins: Any,
+  positions: Any,
+  num_layers: int,
+) -> tuple[jax.Array, dict]:
   """The PTQ objective L(x) of the module docstring, and its terms.
 
   Args:
@@ -206,8 +217,14 @@ def synthesis_loss(hp: PtqHparams, x: jax.Array, labels: jax.Array, key: jax.Arr
   logits, bn_stats = teacher_apply(x)
   stats = losses.to_unbiased_var(bn_stats, positions)
   bn = losses.sda_loss_per_sample(
-      stats, running, margins=margins, stat="std",
-      lse=None if hp.lse == "off" else hp.lse, lse_scale=hp.lse_factor, reduction="sum")
+    stats,
+    running,
+    margins=margins,
+    stat="std",
+    lse=hp.lse,
+    lse_scale=hp.lse_factor,
+    reduction="sum",
+  )
   terms = {"bn": bn}
   total = bn
   if hp.input_prior:
@@ -232,8 +249,9 @@ def synthesis_loss(hp: PtqHparams, x: jax.Array, labels: jax.Array, key: jax.Arr
   return total, terms
 
 
-def plateau_update(lr, best, bad, loss, *, patience: int, min_lr: float,
-                   factor: float = 0.1, threshold: float = 1e-4):
+def plateau_update(
+  lr, best, bad, loss, *, patience: int, min_lr: float, factor: float = 0.1, threshold: float = 1e-4
+):
   """torch.optim.lr_scheduler.ReduceLROnPlateau (mode min, relative threshold), one call.
 
   Returns the new (lr, best, bad). A loss below best·(1 − threshold) is an improvement;
@@ -248,9 +266,30 @@ def plateau_update(lr, best, bad, loss, *, patience: int, min_lr: float,
   return lr, best, bad
 
 
-def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key: jax.Array,
-                     image_shape, num_classes: int, devices=None,
-                     compiler_options: dict | None = None) -> Synthesizer:
+def _slack_margins(hp: PtqHparams, teacher_apply, running, positions, key, image_shape):
+  """DSG's per-layer margins from one initial batch; (0, 0) for ZeroQ (no slack)."""
+  if not hp.slack:
+    return (0.0, 0.0)
+  _, ref_stats = jax.jit(teacher_apply)(initial_images(hp, key, image_shape))
+  return losses.sda_margins(
+    losses.to_unbiased_var(ref_stats, positions),
+    running,
+    percentile=hp.margin_percentile,
+    stat="std",
+    level="sample",
+  )
+
+
+def make_synthesizer(
+  hp: PtqHparams,
+  teacher: nn.Module,
+  teacher_vars: dict,
+  key: jax.Array,
+  image_shape,
+  num_classes: int,
+  devices=None,
+  compiler_options: dict | None = None,
+) -> Synthesizer:
   """The jitted step for `teacher`, with DSG's margins from one initial batch.
 
   `compiler_options` go to `jax.jit` (see `dfq_jax.xla_options`).
@@ -262,11 +301,12 @@ def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key
   image_shape = tuple(image_shape)
   devices = devices or jax.devices()
   if hp.batch_size % len(devices):
-    raise ValueError(f"ptq.batch_size={hp.batch_size} is not divisible by the "
-                     f"{len(devices)} devices: choose a multiple of the device count.")
-  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    raise ValueError(
+      f"ptq.batch_size={hp.batch_size} is not divisible by the "
+      f"{len(devices)} devices: choose a multiple of the device count."
+    )
+  mesh = parallel.make_mesh(devices)
+  batch_sharding, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
   def teacher_apply(x):
     logits, state = teacher.apply(teacher_vars, x, mutable=[BN_STATS])
@@ -275,53 +315,77 @@ def make_synthesizer(hp: PtqHparams, teacher: nn.Module, teacher_vars: dict, key
   running = teacher_vars["batch_stats"]
   positions = bn_positions(teacher, teacher_vars, image_shape)
   num_layers = len(jax.tree.leaves(positions))
-  if hp.slack:
-    ref = initial_images(hp, key, image_shape)
-    _, ref_stats = jax.jit(teacher_apply)(ref)
-    margins = losses.sda_margins(losses.to_unbiased_var(ref_stats, positions), running,
-                                 percentile=hp.margin_percentile, stat="std", level="sample")
-  else:
-    margins = (0.0, 0.0)
+  margins = _slack_margins(hp, teacher_apply, running, positions, key, image_shape)
   tx = optax.scale_by_adam()  # torch Adam defaults: betas (0.9, 0.999), eps 1e-8
 
   def step(carry, labels, key):
     (loss, terms), grad = jax.value_and_grad(synthesis_loss, argnums=1, has_aux=True)(
-        hp, carry["x"], labels, key, teacher_apply=teacher_apply, running=running,
-        margins=margins, positions=positions, num_layers=num_layers)
+      hp,
+      carry["x"],
+      labels,
+      key,
+      teacher_apply=teacher_apply,
+      running=running,
+      margins=margins,
+      positions=positions,
+      num_layers=num_layers,
+    )
     updates, opt = tx.update(grad, carry["opt"])
     x = carry["x"] - carry["lr"] * updates
-    lr, best, bad = plateau_update(carry["lr"], carry["best"], carry["bad"], loss,
-                                   patience=hp.plateau_patience, min_lr=hp.min_lr)
+    lr, best, bad = plateau_update(
+      carry["lr"], carry["best"], carry["bad"], loss, patience=hp.plateau_patience, min_lr=hp.min_lr
+    )
     metrics = {"loss": loss, "lr": carry["lr"], **terms}
     return {"x": x, "opt": opt, "lr": lr, "best": best, "bad": bad}, metrics
 
-  return Synthesizer(hp=hp, image_shape=image_shape, num_classes=num_classes,
-                     step=jax.jit(step, donate_argnums=(0,), out_shardings=(
-                         {"x": batch_sharding, "opt": None, "lr": replicated,
-                          "best": replicated, "bad": replicated}, replicated),
-                         compiler_options=compiler_options),
-                     batch_sharding=batch_sharding)
+  return Synthesizer(
+    hp=hp,
+    image_shape=image_shape,
+    num_classes=num_classes,
+    step=jax.jit(
+      step,
+      donate_argnums=(0,),
+      out_shardings=(
+        {"x": batch_sharding, "opt": None, "lr": replicated, "best": replicated, "bad": replicated},
+        replicated,
+      ),
+      compiler_options=compiler_options,
+    ),
+    batch_sharding=batch_sharding,
+  )
 
 
 def save_samples(path: str, images: np.ndarray, labels: np.ndarray, **meta) -> None:
   """Writes a synthetic set as .npz atomically (temp file + rename)."""
-  metrics_lib.write_atomic(path, lambda f: np.savez(
-      f, images=np.asarray(images, np.float32), labels=np.asarray(labels, np.int32),
-      **{k: np.asarray(v) for k, v in meta.items()}), mode="wb")
+  metrics_lib.write_atomic(
+    path,
+    lambda f: np.savez(
+      f,
+      images=np.asarray(images, np.float32),
+      labels=np.asarray(labels, np.int32),
+      **{k: np.asarray(v) for k, v in meta.items()},
+    ),
+    mode="wb",
+  )
 
 
 def load_samples(path: str, image_shape) -> tuple[np.ndarray, np.ndarray]:
   """Reads a synthetic set written by `save_samples`; checks the image shape."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"ptq.samples_path={path!r} does not exist: point it at the "
-                            "synthetic.npz of an earlier PTQ run, or leave it empty.")
+    raise FileNotFoundError(
+      f"ptq.samples_path={path!r} does not exist: point it at the "
+      "synthetic.npz of an earlier PTQ run, or leave it empty."
+    )
   try:
     with np.load(path) as f:
       images, labels = f["images"], f["labels"]
   except (OSError, ValueError, KeyError) as e:
-    raise ValueError(f"{path!r} is not a synthetic set (.npz with 'images' and 'labels'): "
-                     f"{e}") from e
+    raise ValueError(
+      f"{path!r} is not a synthetic set (.npz with 'images' and 'labels'): {e}"
+    ) from e
   if images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
-    raise ValueError(f"{path!r} holds images of shape {images.shape[1:]}, but the model "
-                     f"expects {tuple(image_shape)}: it was made for another model.")
+    raise ValueError(
+      f"{path!r} holds images of shape {images.shape[1:]}, but the model "
+      f"expects {tuple(image_shape)}: it was made for another model."
+    )
   return images.astype(np.float32), labels.astype(np.int32)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,7 +47,7 @@ class QuantPolicy:
     rules: per-layer overrides, tuples (regex, w_bits, a_bits) matched with
       `re.search` against the layer path ('layer1_0/conv1'); the first matching rule
       wins; None in a rule means "keep the default"; 32 means full precision.
-    range_mode: 'parity' (GDFQ bias-corrected EMA), 'ema' (plain EMA) or 'minmax'.
+    range_mode: 'bias_corrected' (the GDFQ-family EMA), 'ema' (plain EMA) or 'minmax'.
     range_decay: EMA decay beta (0.9 in the papers).
     axis_name: mapped axis over which batch min/max are reduced (inside shard_map).
     observer: how one batch of activations gives its (min, max) before the range update
@@ -54,12 +55,13 @@ class QuantPolicy:
       see `numerics.observe_range`).
     percentile: the upper percentile of observer='percentile'.
   """
+
   w_bits: int = 4
   a_bits: int = 4
   first_bits: int | None = None
   last_bits: int | None = None
   rules: tuple[tuple[str, int | None, int | None], ...] = ()
-  range_mode: str = "parity"
+  range_mode: str = "bias_corrected"
   range_decay: float = 0.9
   axis_name: str | None = None
   observer: str = "minmax"
@@ -80,11 +82,11 @@ class QuantPolicy:
       _check_layer_bits(rule[1], f"w_bits of rule {rule[0]!r}")
       _check_layer_bits(rule[2], f"a_bits of rule {rule[0]!r}")
     if self.range_mode not in numerics.RANGE_MODES:
-      raise ValueError(f"range_mode={self.range_mode!r} is unknown: use one of "
-                       f"{numerics.RANGE_MODES}.")
+      raise ValueError(
+        f"range_mode={self.range_mode!r} is unknown: use one of {numerics.RANGE_MODES}."
+      )
     if self.observer not in numerics.OBSERVERS:
-      raise ValueError(f"observer={self.observer!r} is unknown: use one of "
-                       f"{numerics.OBSERVERS}.")
+      raise ValueError(f"observer={self.observer!r} is unknown: use one of {numerics.OBSERVERS}.")
     if not 50.0 < self.percentile <= 100.0:
       raise ValueError(f"percentile={self.percentile} must lie in (50, 100].")
     if not 0.0 < self.range_decay < 1.0:
@@ -140,8 +142,7 @@ def torch_kernel_init(key, shape, dtype=jnp.float32):
 def torch_bias_init(fan_in):
   """PyTorch's default conv/linear bias init, U(±1/√fan_in)."""
   bound = 1.0 / math.sqrt(fan_in)
-  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-      key, shape, dtype, -bound, bound)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class QConv(nn.Module):
@@ -150,6 +151,7 @@ class QConv(nn.Module):
   Padding defaults to PyTorch's symmetric `k // 2` on each side (not 'SAME', which pads
   asymmetrically at stride 2 and would break logit parity with PyTorch weights).
   """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -166,10 +168,13 @@ class QConv(nn.Module):
     kh, kw = self.kernel_size
     in_ch = x.shape[-1]
     if in_ch % self.feature_group_count:
-      raise ValueError(f"{_layer_path(self)}: {in_ch} input channels not divisible "
-                       f"by {self.feature_group_count} groups.")
-    kernel = self.param("kernel", self.kernel_init,
-                        (kh, kw, in_ch // self.feature_group_count, self.features))
+      raise ValueError(
+        f"{_layer_path(self)}: {in_ch} input channels not divisible "
+        f"by {self.feature_group_count} groups."
+      )
+    kernel = self.param(
+      "kernel", self.kernel_init, (kh, kw, in_ch // self.feature_group_count, self.features)
+    )
     if self.quant is not None:
       bits = self.quant.weight_bits(_layer_path(self), self.role)
       if bits is not None:
@@ -179,9 +184,13 @@ class QConv(nn.Module):
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
     dtype = self.dtype or x.dtype
     y = jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), window_strides=tuple(self.strides),
-        padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.feature_group_count)
+      x.astype(dtype),
+      kernel.astype(dtype),
+      window_strides=tuple(self.strides),
+      padding=padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=self.feature_group_count,
+    )
     y = y.astype(x.dtype)
     if self.use_bias:
       fan_in = kh * kw * in_ch // self.feature_group_count
@@ -191,6 +200,7 @@ class QConv(nn.Module):
 
 class QDense(nn.Module):
   """Dense layer ([in, out] kernel) with optional per-output-channel weight fake quant."""
+
   features: int
   use_bias: bool = True
   quant: QuantPolicy | None = None
@@ -217,6 +227,7 @@ class QuantAct(nn.Module):
   `beta_t` (starts at 1 = never updated). With `quant=None` or a full-precision
   activation this is the identity and creates no variables.
   """
+
   quant: QuantPolicy | None = None
 
   @nn.compact
@@ -232,12 +243,20 @@ class QuantAct(nn.Module):
     beta_t = self.variable("quant_stats", "beta_t", lambda: jnp.ones((), jnp.float32))
     if self.is_mutable_collection("quant_stats") and not self.is_initializing():
       batch_min, batch_max = numerics.observe_range(
-          x, observer=self.quant.observer, bits=bits, percentile=self.quant.percentile)
+        x, observer=self.quant.observer, bits=bits, percentile=self.quant.percentile
+      )
       if self.quant.axis_name is not None:
         batch_min = jax.lax.pmin(batch_min, self.quant.axis_name)
         batch_max = jax.lax.pmax(batch_max, self.quant.axis_name)
       x_min.value, x_max.value, beta_t.value = numerics.update_range(
-          x_min.value, x_max.value, beta_t.value, batch_min, batch_max,
-          mode=self.quant.range_mode, decay=self.quant.range_decay)
-    return numerics.fake_quant_ste(x, bits, x_min.value.astype(x.dtype),
-                                   x_max.value.astype(x.dtype))
+        x_min.value,
+        x_max.value,
+        beta_t.value,
+        batch_min,
+        batch_max,
+        mode=self.quant.range_mode,
+        decay=self.quant.range_decay,
+      )
+    return numerics.fake_quant_ste(
+      x, bits, x_min.value.astype(x.dtype), x_max.value.astype(x.dtype)
+    )

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 MIN_BITS = 2
 MAX_BITS = 8
-RANGE_MODES = ("parity", "ema", "minmax")
+RANGE_MODES = ("bias_corrected", "ema", "minmax")
 # How one batch of activations becomes a (min, max) range (DSG/ZeroQ PTQ `--act_q_method`).
 OBSERVERS = ("minmax", "sample_mean", "percentile", "mse")
 
@@ -35,8 +35,9 @@ def check_bits(bits: int, what: str = "bits") -> int:
   """Returns `bits` if it is a supported bit-width (2..8), else raises ValueError."""
   if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
     raise ValueError(
-        f"{what}={bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS} "
-        "(or leave the layer in full precision).")
+      f"{what}={bits!r} is not supported: use an integer from {MIN_BITS} to {MAX_BITS} "
+      "(or leave the layer in full precision)."
+    )
   return bits
 
 
@@ -52,7 +53,7 @@ def asym_fake_quant(x: jax.Array, bits: int, lo: jax.Array, hi: jax.Array) -> ja
     x̂ with the shape and dtype of `x`, on the grid Δ·(round(s·lo) + j), j = 0..2^k-1.
   """
   n = 2.0**bits - 1.0
-  half = 2.0**(bits - 1)
+  half = 2.0 ** (bits - 1)
   scale = n / jnp.maximum(hi - lo, 1e-8)
   zero_point = jnp.round(scale * lo) + half
   q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
@@ -101,16 +102,23 @@ def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
   return fake_quant_ste(w, bits, lo, hi)
 
 
-def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
-                 batch_min: jax.Array, batch_max: jax.Array, *, mode: str = "parity",
-                 decay: float = 0.9) -> tuple[jax.Array, jax.Array, jax.Array]:
+def update_range(
+  x_min: jax.Array,
+  x_max: jax.Array,
+  beta_t: jax.Array,
+  batch_min: jax.Array,
+  batch_max: jax.Array,
+  *,
+  mode: str = "bias_corrected",
+  decay: float = 0.9,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One update of a per-tensor activation range.
 
   State (x_min, x_max, beta_t) starts at (0, 0, 1); `beta_t == 1` means "never updated".
 
   Modes:
-    parity: the GDFQ-family rule, bias correction applied to the already corrected
-      state (methods.md §2.3): beta_t <- beta_t*decay;
+    bias_corrected: the GDFQ-family rule (the original codes'), bias correction applied
+      to the already corrected state (methods.md §2.3): beta_t <- beta_t*decay;
       x <- (decay*x + (1-decay)*m) / (1-beta_t). Overshoots early, equals a plain EMA
       after ~200 updates.
     ema: a plain EMA initialised with the first batch: x <- decay*x + (1-decay)*m.
@@ -125,7 +133,7 @@ def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
   decay = jnp.asarray(decay, jnp.float32)
   batch_weight = jnp.float32(1.0) - decay
   new_beta_t = beta_t * decay
-  if mode == "parity":
+  if mode == "bias_corrected":
     corr = 1.0 - new_beta_t
     lo = (x_min * decay + batch_min * batch_weight) / corr
     hi = (x_max * decay + batch_max * batch_weight) / corr
@@ -140,9 +148,15 @@ def update_range(x_min: jax.Array, x_max: jax.Array, beta_t: jax.Array,
   return lo, hi, new_beta_t
 
 
-def observe_range(x: jax.Array, *, observer: str = "minmax", bits: int = 8,
-                  percentile: float = 99.999, mse_steps: int = 80,
-                  mse_shrink: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def observe_range(
+  x: jax.Array,
+  *,
+  observer: str = "minmax",
+  bits: int = 8,
+  percentile: float = 99.999,
+  mse_steps: int = 80,
+  mse_shrink: float = 0.01,
+) -> tuple[jax.Array, jax.Array]:
   """The (lo, hi) range one batch of activations `x` [B, ...] suggests (no gradient).
 
   Observers (DSG-PTQ / ZeroQ calibration, methods.md §4.1):

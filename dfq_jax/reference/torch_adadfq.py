@@ -53,12 +53,12 @@ import statistics
 import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 LATENT = 100
 NUM_CLASSES = 10
-TEMPERATURE = 20.0          # AdaDFQ's Q-loss temperature, hard-coded 20 for CIFAR (§5.1)
+TEMPERATURE = 20.0  # AdaDFQ's Q-loss temperature, hard-coded 20 for CIFAR (§5.1)
 ADADFQ = dict(lambda_l=0.1, lambda_u=0.8, alpha_ds=0.2, alpha_as=0.1, beta=1.0, gamma=1.0)
 
 
@@ -83,12 +83,12 @@ class FakeQuantSTE(torch.autograd.Function):
   """Forward: asym_fake_quant. Backward: identity for x (no clip mask), nothing for ranges."""
 
   @staticmethod
-  def forward(ctx, x, k, lo, hi):  # pylint: disable=arguments-differ
+  def forward(ctx, x, k, lo, hi):
     del ctx
     return asym_fake_quant(x, k, lo, hi)
 
   @staticmethod
-  def backward(ctx, grad_output):  # pylint: disable=arguments-differ
+  def backward(ctx, grad_output):
     del ctx
     return grad_output, None, None, None
 
@@ -107,22 +107,33 @@ def _weight_fake_quant(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 class QuantConv2d(nn.Conv2d):
   """Conv2d whose weight is fake-quantized per output channel at every forward; FP bias."""
+
   bits: int = 4
 
   @classmethod
   def from_float(cls, conv: nn.Conv2d, bits: int) -> "QuantConv2d":
-    m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    m = cls(
+      conv.in_channels,
+      conv.out_channels,
+      conv.kernel_size,
+      conv.stride,
+      conv.padding,
+      conv.dilation,
+      conv.groups,
+      conv.bias is not None,
+      conv.padding_mode,
+    )
     m.load_state_dict(conv.state_dict())
     m.bits = bits
     return m
 
-  def forward(self, x):  # pylint: disable=arguments-renamed
+  def forward(self, x):
     return self._conv_forward(x, _weight_fake_quant(self.weight, self.bits), self.bias)
 
 
 class QuantLinear(nn.Linear):
   """Linear whose weight is fake-quantized per output row at every forward; FP bias."""
+
   bits: int = 4
 
   @classmethod
@@ -132,7 +143,7 @@ class QuantLinear(nn.Linear):
     m.bits = bits
     return m
 
-  def forward(self, x):  # pylint: disable=arguments-renamed
+  def forward(self, x):
     return F.linear(x, _weight_fake_quant(self.weight, self.bits), self.bias)
 
 
@@ -185,8 +196,15 @@ def quantize_model(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
 class Generator(nn.Module):
   """GDFQ's CIFAR generator (methods.md §2.2), torch default init, used in train mode."""
 
-  def __init__(self, num_classes: int = NUM_CLASSES, latent: int = LATENT, image_size: int = 32,
-               channels: int = 3, channels_last: bool = False, width: int = 128):
+  def __init__(
+    self,
+    num_classes: int = NUM_CLASSES,
+    latent: int = LATENT,
+    image_size: int = 32,
+    channels: int = 3,
+    channels_last: bool = False,
+    width: int = 128,
+  ):
     super().__init__()
     self.s0 = image_size // 4
     self.width = width
@@ -276,8 +294,13 @@ def adadfq_generator_terms(t, q, y, lambda_l: float, lambda_u: float) -> dict:
   ent_min = ent.min()
   ent_norm = (ent - ent_min) / (math.log(t.shape[1]) - ent_min)
   margin = F.relu(lambda_l - ent_norm).mean() + F.relu(ent_norm - lambda_u).mean()
-  return {"entropy": ent, "entropy_norm": ent_norm, "margin": margin,
-          "ds": F.cross_entropy(t - q, y), "as": F.cross_entropy(t + q, y)}
+  return {
+    "entropy": ent,
+    "entropy_norm": ent_norm,
+    "margin": margin,
+    "ds": F.cross_entropy(t - q, y),
+    "as": F.cross_entropy(t + q, y),
+  }
 
 
 def adadfq_q_loss(t, q, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -289,8 +312,15 @@ def adadfq_q_loss(t, q, temperature: float = TEMPERATURE) -> torch.Tensor:
 class AdaDFQStep:
   """Models, hooks and optimisers of the AdaDFQ loop; `step()` runs one iteration."""
 
-  def __init__(self, batch: int, w_bits: int = 4, a_bits: int = 4, channels_last: bool = False,
-               seed: int = 0, frozen_teacher: bool = False):
+  def __init__(
+    self,
+    batch: int,
+    w_bits: int = 4,
+    a_bits: int = 4,
+    channels_last: bool = False,
+    seed: int = 0,
+    frozen_teacher: bool = False,
+  ):
     torch.manual_seed(seed)
     self.batch = batch
     self.generator = Generator(channels_last=channels_last).train()
@@ -307,8 +337,9 @@ class AdaDFQStep:
       if isinstance(m, nn.BatchNorm2d):
         m.register_forward_hook(self._bn_hook)
     self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    self.opt_q = torch.optim.SGD(self.student.parameters(), lr=1e-4, momentum=0.9,
-                                 nesterov=True, weight_decay=1e-4)
+    self.opt_q = torch.optim.SGD(
+      self.student.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
 
   def _bn_hook(self, module, inputs, output):
     del output
@@ -325,9 +356,11 @@ class AdaDFQStep:
     q = self.student(x)
     terms = adadfq_generator_terms(t, q, y, hp["lambda_l"], hp["lambda_u"])
     bns = bn_stat_loss(self._bn_stats)
-    loss_g = (terms["margin"] + hp["beta"] * (hp["alpha_ds"] * terms["ds"]
-                                              + hp["alpha_as"] * terms["as"])
-              + hp["gamma"] * bns)
+    loss_g = (
+      terms["margin"]
+      + hp["beta"] * (hp["alpha_ds"] * terms["ds"] + hp["alpha_as"] * terms["as"])
+      + hp["gamma"] * bns
+    )
     self.opt_g.zero_grad()
     loss_g.backward()
     self.opt_g.step()
@@ -338,14 +371,27 @@ class AdaDFQStep:
     loss_q.backward()
     self.opt_q.step()
     self._bn_stats.clear()
-    return {"margin": terms["margin"].detach(), "ce_ds": terms["ds"].detach(),
-            "ce_as": terms["as"].detach(), "bns": bns.detach(), "loss_G": loss_g.detach(),
-            "loss_Q": loss_q.detach()}
+    return {
+      "margin": terms["margin"].detach(),
+      "ce_ds": terms["ds"].detach(),
+      "ce_as": terms["as"].detach(),
+      "bns": bns.detach(),
+      "loss_G": loss_g.detach(),
+      "loss_Q": loss_q.detach(),
+    }
 
 
-def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int = 4,
-              threads: int | None = None, channels_last: bool = False, seed: int = 0,
-              frozen_teacher: bool = False) -> dict:
+def benchmark(
+  batch: int,
+  steps: int,
+  warmup: int,
+  w_bits: int = 4,
+  a_bits: int = 4,
+  threads: int | None = None,
+  channels_last: bool = False,
+  seed: int = 0,
+  frozen_teacher: bool = False,
+) -> dict:
   if steps < 1 or warmup < 0 or batch < 2:
     raise ValueError(f"need steps >= 1, warmup >= 0, batch >= 2; got {steps}, {warmup}, {batch}")
   if threads:
@@ -353,7 +399,7 @@ def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int 
   runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher)
   losses0, times = None, []
   for i in range(warmup + steps):
-    if i == max(warmup, 1):   # ranges freeze (after >= 1 update), as after a run's first epochs
+    if i == max(warmup, 1):  # ranges freeze (after >= 1 update), as after a run's first epochs
       for m in runner.student.modules():
         if isinstance(m, QuantAct):
           m.running_stat = False
@@ -365,12 +411,22 @@ def benchmark(batch: int, steps: int, warmup: int, w_bits: int = 4, a_bits: int 
     if i >= warmup:
       times.append(elapsed)
   median = statistics.median(times)
-  return {"impl": "torch", "batch": batch, "bits": f"w{w_bits}a{a_bits}",
-          "median_step_s": median, "min_step_s": min(times), "max_step_s": max(times),
-          "images_per_s": batch / median, "timed_steps": steps, "warmup": warmup,
-          "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-          "channels_last": channels_last, "frozen_teacher": frozen_teacher,
-          "losses_step0": losses0}
+  return {
+    "impl": "torch",
+    "batch": batch,
+    "bits": f"w{w_bits}a{a_bits}",
+    "median_step_s": median,
+    "min_step_s": min(times),
+    "max_step_s": max(times),
+    "images_per_s": batch / median,
+    "timed_steps": steps,
+    "warmup": warmup,
+    "torch_version": torch.__version__,
+    "threads": torch.get_num_threads(),
+    "channels_last": channels_last,
+    "frozen_teacher": frozen_teacher,
+    "losses_step0": losses0,
+  }
 
 
 def main(argv=None):
@@ -380,16 +436,28 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
   p.add_argument("--bits", type=int, default=4, help="weight bits (and activation bits)")
   p.add_argument("--abits", type=int, default=None, help="activation bits (default: --bits)")
-  p.add_argument("--threads", type=int, default=None,
-                 help="torch.set_num_threads (default: torch's own)")
+  p.add_argument(
+    "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)"
+  )
   p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--frozen-teacher", action="store_true",
-                 help="skip the teacher's weight gradients (the original code computes them)")
+  p.add_argument(
+    "--frozen-teacher",
+    action="store_true",
+    help="skip the teacher's weight gradients (the original code computes them)",
+  )
   args = p.parse_args(argv)
-  row = benchmark(args.batch, args.steps, args.warmup, args.bits,
-                  args.abits if args.abits is not None else args.bits, args.threads,
-                  args.channels_last, args.seed, args.frozen_teacher)
+  row = benchmark(
+    args.batch,
+    args.steps,
+    args.warmup,
+    args.bits,
+    args.abits if args.abits is not None else args.bits,
+    args.threads,
+    args.channels_last,
+    args.seed,
+    args.frozen_teacher,
+  )
   print(json.dumps(row), flush=True)
 
 

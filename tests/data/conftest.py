@@ -13,8 +13,7 @@ _CIFAR10_JPEG = Path(os.environ.get("DFQ_CIFAR10_JPEG", "/work/shared/data/cifar
 def cifar10_jpeg() -> Path:
   """Root of the shared CIFAR-10 JPEG export (read-only); skips the test if absent."""
   if not (_CIFAR10_JPEG / "test").is_dir():
-    pytest.skip(f"shared CIFAR-10 JPEG export not found at {_CIFAR10_JPEG} "
-                "(set DFQ_CIFAR10_JPEG)")
+    pytest.skip(f"shared CIFAR-10 JPEG export not found at {_CIFAR10_JPEG} (set DFQ_CIFAR10_JPEG)")
   return _CIFAR10_JPEG
 
 

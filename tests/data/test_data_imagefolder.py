@@ -10,8 +10,18 @@ from PIL import Image
 
 from dfq_jax.data import imagefolder, load_eval_data, load_image_folder
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 
 
 def _rgb(seed, size=(32, 32)):
@@ -52,8 +62,14 @@ def test_layout_order_and_decode(tiny_root):
   assert ds.class_names == ("cat", "dog", "emu")
   assert ds.num_classes == 3
   names = [Path(f).relative_to(tiny_root / "test").as_posix() for f in ds.files]
-  assert names == ["cat/a.png", "cat/b.png", "cat/c.JPG", "dog/gray.png", "dog/x.jpeg",
-                   "emu/rgba.png"]
+  assert names == [
+    "cat/a.png",
+    "cat/b.png",
+    "cat/c.JPG",
+    "dog/gray.png",
+    "dog/x.jpeg",
+    "emu/rgba.png",
+  ]
   np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1, 2])
   assert ds.images.dtype == np.uint8 and ds.images.shape == (6, 32, 32, 3)
   assert ds.labels.dtype == np.int32
@@ -68,7 +84,7 @@ def test_layout_order_and_decode(tiny_root):
 
 
 def test_wrong_size_names_the_file(tiny_root):
-  bad = _write(tiny_root / "test" / "dog" / "wide.png", _rgb(9, size=(33, 32)))
+  _write(tiny_root / "test" / "dog" / "wide.png", _rgb(9, size=(33, 32)))
   with pytest.raises(ValueError, match=r"wide\.png.*33x32.*32x32"):
     load_image_folder(tiny_root, "test", "cifar")
 
@@ -132,8 +148,9 @@ def test_cache_roundtrip_and_invalidation(tiny_root, tmp_path, monkeypatch):
 
   calls = []
   real_decode = imagefolder.decode_files
-  monkeypatch.setattr(imagefolder, "decode_files",
-                      lambda files, p: calls.append(len(files)) or real_decode(files, p))
+  monkeypatch.setattr(
+    imagefolder, "decode_files", lambda files, p: calls.append(len(files)) or real_decode(files, p)
+  )
   ds2 = load_image_folder(tiny_root, "test", cache_dir=cache)
   assert calls == []  # served from the cache
   np.testing.assert_array_equal(ds2.images, ds1.images)

@@ -11,8 +11,7 @@ from dfq_jax.data import preprocess as pp
 
 
 def _img(w, h, seed=0):
-  return Image.fromarray(
-      np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+  return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def test_resize_size_matches_torchvision_integer_arithmetic():
@@ -35,9 +34,11 @@ def test_center_crop_offsets_round_half_to_even():
 
 
 def test_imagenet_transform_equals_plain_pil_resize_and_crop():
-  for (w, h), (rw, rh), (left, top) in [((300, 400), (256, 341), (16, 58)),
-                                        ((500, 375), (341, 256), (58, 16)),
-                                        ((256, 256), (256, 256), (16, 16))]:
+  for (w, h), (rw, rh), (left, top) in [
+    ((300, 400), (256, 341), (16, 58)),
+    ((500, 375), (341, 256), (58, 16)),
+    ((256, 256), (256, 256), (16, 16)),
+  ]:
     img = _img(w, h, seed=w)
     expected = img.resize((rw, rh), Image.BILINEAR).crop((left, top, left + 224, top + 224))
     got = pp.imagenet_transform(img)
@@ -83,7 +84,9 @@ def test_decode_errors():
 def test_normalize_numpy_and_jax():
   x = np.array([[[[0, 128, 255]]]], np.uint8)
   mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-  want = (np.array([0, 128, 255], np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
+  want = (np.array([0, 128, 255], np.float32) / np.float32(255) - np.float32(mean)) / np.float32(
+    std
+  )
   got = pp.normalize(x, mean, std)
   assert isinstance(got, np.ndarray) and got.dtype == np.float32
   np.testing.assert_allclose(got[0, 0, 0], want, rtol=1e-6)
@@ -101,8 +104,9 @@ def test_presets():
   assert pp.get_normalization("CIFAR10").std == (0.24703233, 0.24348505, 0.26158768)
   assert pp.get_normalization("cifar100").mean == (0.50705882, 0.48666667, 0.44078431)
   assert pp.get_normalization("cifar100").std == (0.26745098, 0.25568627, 0.27607843)
-  assert pp.get_normalization("imagenet") == pp.Normalization((0.485, 0.456, 0.406),
-                                                              (0.229, 0.224, 0.225))
+  assert pp.get_normalization("imagenet") == pp.Normalization(
+    (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  )
   # The akamaster CIFAR ResNet-20 was trained with the ImageNet constants.
   assert pp.get_normalization("akamaster_resnet20") == pp.IMAGENET_NORM
   assert pp.get_normalization("pytorchcv_cifar10") == pp.CIFAR10_NORM

@@ -21,12 +21,27 @@ from PIL import Image
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from dfq_jax.data import TFDSDataError, decode_image, load_eval_data, load_tfds  # noqa: E402
-from dfq_jax.data import tfds_source  # noqa: E402
+from dfq_jax.data import (  # noqa: E402
+  TFDSDataError,
+  decode_image,
+  load_eval_data,
+  load_tfds,
+  tfds_source,  # noqa: E402
+)
 
 HERE = Path(__file__).resolve().parent
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 PER_CLASS = 5
 
 
@@ -46,8 +61,7 @@ def _prepare(builder_cls, data_dir, source):
     mp.setattr(socket.socket, "connect", _refuse)
     mp.setattr(socket, "getaddrinfo", _refuse)
     b = builder_cls(data_dir=str(data_dir), file_format="array_record")
-    b.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   return b
 
 
@@ -56,8 +70,11 @@ def cifar_dir(tmp_path_factory, cifar10_jpeg):
   """data_dir with 'cifar10' (test split) packed from 50 real JPEGs, 5 per class."""
   mod = _builder_module("cifar10")
   assert tuple(mod.CLASS_NAMES) == CIFAR10_CLASSES
-  items = [(str(f), c) for c, cls in enumerate(CIFAR10_CLASSES)
-           for f in sorted((cifar10_jpeg / "test" / cls).glob("*.jpg"))[:PER_CLASS]]
+  items = [
+    (str(f), c)
+    for c, cls in enumerate(CIFAR10_CLASSES)
+    for f in sorted((cifar10_jpeg / "test" / cls).glob("*.jpg"))[:PER_CLASS]
+  ]
   data_dir = tmp_path_factory.mktemp("tfds_cifar")
   _prepare(mod.Builder, data_dir, {"test": items})
   return data_dir, items
@@ -71,8 +88,9 @@ def imagenet_dir(tmp_path_factory):
   src = tmp_path_factory.mktemp("imagenet_src")
   rng = np.random.default_rng(0)
   items = []
-  for i, (w, h) in enumerate([(300, 400), (500, 375), (257, 257), (640, 427), (224, 300),
-                              (333, 260)]):
+  for i, (w, h) in enumerate(
+    [(300, 400), (500, 375), (257, 257), (640, 427), (224, 300), (333, 260)]
+  ):
     arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     img = Image.fromarray(arr)
     if i == 4:
@@ -89,6 +107,7 @@ def imagenet_dir(tmp_path_factory):
 def no_download(monkeypatch, no_network):
   def refuse(self, *a, **k):
     raise AssertionError(f"download_and_prepare called for {self.name}")
+
   monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", refuse)
 
 
@@ -150,8 +169,7 @@ def test_unknown_split_and_defaults(cifar_dir, no_download):
     load_tfds("something", data_dir)
 
 
-def test_tfrecord_without_tensorflow_says_what_to_do(cifar_dir, no_download, tmp_path,
-                                                     monkeypatch):
+def test_tfrecord_without_tensorflow_says_what_to_do(cifar_dir, no_download, tmp_path, monkeypatch):
   data_dir, _ = cifar_dir
   # Same data, but its dataset_info.json claims tfrecord (what a TF-prepared dir has).
   copy = tmp_path / "tfrecord_dir"
@@ -167,8 +185,9 @@ def test_tfrecord_without_tensorflow_says_what_to_do(cifar_dir, no_download, tmp
 
 def test_imagenet_like_with_builder_name(imagenet_dir, no_download):
   data_dir, items = imagenet_dir
-  ds = load_eval_data("tfds", name="imagenet2012", builder_name="dfq_fake_imagenet",
-                      data_dir=data_dir)  # defaults: split 'validation', 'imagenet'
+  ds = load_eval_data(
+    "tfds", name="imagenet2012", builder_name="dfq_fake_imagenet", data_dir=data_dir
+  )  # defaults: split 'validation', 'imagenet'
   assert ds.images.shape == (6, 224, 224, 3)
   assert ds.class_names == ("n01", "n02", "n03")
   expected = _by_pixels(items, "imagenet")

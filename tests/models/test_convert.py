@@ -18,10 +18,9 @@ torch = pytest.importorskip("torch")
 tnn = torch.nn
 F = torch.nn.functional
 
-from dfq_jax.models import get_model  # pylint: disable=g-import-not-at-top
-from dfq_jax.models import convert
-from dfq_jax.models.resnet_imagenet import max_pool_torch
-from dfq_jax.quant import QuantPolicy
+from dfq_jax.models import convert, get_model  # noqa: E402  (after importorskip)
+from dfq_jax.models.resnet_imagenet import max_pool_torch  # noqa: E402
+from dfq_jax.quant import QuantPolicy  # noqa: E402
 
 AKAMASTER_CKPT = "/work/shared/models/resnet20_cifar10_akamaster.th"
 # Max |logit diff| allowed, relative to max(1, max |logit|): float32 reassociation only.
@@ -53,7 +52,6 @@ class _AkaBlock(tnn.Module):
 
 
 class _AkaResNet(tnn.Module):
-
   def __init__(self, n=3, num_classes=10):
     super().__init__()
     self.conv1 = tnn.Conv2d(3, 16, 3, 1, 1, bias=False)
@@ -95,6 +93,7 @@ class _TvBasicBlock(tnn.Module):
 
 class _TvBottleneck(tnn.Module):
   """torchvision v1.5: the stride sits on the 3x3 conv."""
+
   expansion = 4
 
   def __init__(self, inplanes, planes, stride, downsample):
@@ -117,7 +116,6 @@ class _TvBottleneck(tnn.Module):
 
 
 class _TvResNet(tnn.Module):
-
   def __init__(self, block, layers, num_classes=1000):
     super().__init__()
     self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
@@ -133,8 +131,9 @@ class _TvResNet(tnn.Module):
         down = None
         if s != 1 or inplanes != planes * block.expansion:
           down = tnn.Sequential(
-              tnn.Conv2d(inplanes, planes * block.expansion, 1, s, bias=False),
-              tnn.BatchNorm2d(planes * block.expansion))
+            tnn.Conv2d(inplanes, planes * block.expansion, 1, s, bias=False),
+            tnn.BatchNorm2d(planes * block.expansion),
+          )
         blocks.append(block(inplanes, planes, s, down))
         inplanes = planes * block.expansion
       setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
@@ -150,19 +149,23 @@ class _TvResNet(tnn.Module):
 def _conv_bn_act(inp, oup, k, stride=1, groups=1):
   """torchvision Conv2dNormActivation(..., activation_layer=ReLU6)."""
   return tnn.Sequential(
-      tnn.Conv2d(inp, oup, k, stride, (k - 1) // 2, groups=groups, bias=False),
-      tnn.BatchNorm2d(oup), tnn.ReLU6(inplace=True))
+    tnn.Conv2d(inp, oup, k, stride, (k - 1) // 2, groups=groups, bias=False),
+    tnn.BatchNorm2d(oup),
+    tnn.ReLU6(inplace=True),
+  )
 
 
 class _TvInvertedResidual(tnn.Module):
-
   def __init__(self, inp, oup, stride, expand_ratio):
     super().__init__()
     hidden = inp * expand_ratio
     self.use_res_connect = stride == 1 and inp == oup
     layers = [_conv_bn_act(inp, hidden, 1)] if expand_ratio != 1 else []
-    layers += [_conv_bn_act(hidden, hidden, 3, stride, hidden),
-               tnn.Conv2d(hidden, oup, 1, 1, 0, bias=False), tnn.BatchNorm2d(oup)]
+    layers += [
+      _conv_bn_act(hidden, hidden, 3, stride, hidden),
+      tnn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+      tnn.BatchNorm2d(oup),
+    ]
     self.conv = tnn.Sequential(*layers)
 
   def forward(self, x):
@@ -170,11 +173,17 @@ class _TvInvertedResidual(tnn.Module):
 
 
 class _TvMobileNetV2(tnn.Module):
-
   def __init__(self, num_classes=1000):
     super().__init__()
-    setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2],
-               [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    setting = [
+      [1, 16, 1, 1],
+      [6, 24, 2, 2],
+      [6, 32, 3, 2],
+      [6, 64, 4, 2],
+      [6, 96, 3, 1],
+      [6, 160, 3, 2],
+      [6, 320, 1, 1],
+    ]
     features = [_conv_bn_act(3, 32, 3, 2)]
     inp = 32
     for t, c, n, s in setting:
@@ -190,8 +199,13 @@ class _TvMobileNetV2(tnn.Module):
     return self.classifier(torch.flatten(x, 1))
 
 
-_PTCV_MODULES = {"resnet20_cifar10": "resnet_cifar", "resnet20_cifar100": "resnet_cifar",
-                 "resnet18": "resnet", "resnet50": "resnet", "mobilenetv2_w1": "mobilenetv2"}
+_PTCV_MODULES = {
+  "resnet20_cifar10": "resnet_cifar",
+  "resnet20_cifar100": "resnet_cifar",
+  "resnet18": "resnet",
+  "resnet50": "resnet",
+  "mobilenetv2_w1": "mobilenetv2",
+}
 
 
 def _pytorchcv(name):
@@ -218,22 +232,56 @@ def _model(name, num_classes, **kwargs):
 
 # name -> (torch builder, our model name, num_classes, layout, input size, BN layers)
 CASES = {
-    "pytorchcv_resnet20_cifar10": (lambda: _pytorchcv("resnet20_cifar10"),
-                                   "resnet20_cifar_B", 10, "pytorchcv", 32, 21),
-    "pytorchcv_resnet20_cifar100": (lambda: _pytorchcv("resnet20_cifar100"),
-                                    "resnet20_cifar_B", 100, "pytorchcv", 32, 21),
-    "pytorchcv_resnet18": (lambda: _pytorchcv("resnet18"), "resnet18", 1000, "pytorchcv",
-                           64, 20),
-    "pytorchcv_resnet50": (lambda: _pytorchcv("resnet50"), "resnet50", 1000, "pytorchcv",
-                           64, 53),
-    "pytorchcv_mobilenetv2_w1": (lambda: _pytorchcv("mobilenetv2_w1"), "mobilenetv2",
-                                 1000, "pytorchcv", 64, 53),
-    "torchvision_resnet18": (lambda: _TvResNet(_TvBasicBlock, [2, 2, 2, 2]), "resnet18",
-                             1000, "torchvision", 64, 20),
-    "torchvision_resnet50": (lambda: _TvResNet(_TvBottleneck, [3, 4, 6, 3]),
-                             "resnet50_torchvision", 1000, "torchvision", 64, 53),
-    "torchvision_mobilenet_v2": (_TvMobileNetV2, "mobilenetv2_torchvision", 1000,
-                                 "torchvision", 64, 52),
+  "pytorchcv_resnet20_cifar10": (
+    lambda: _pytorchcv("resnet20_cifar10"),
+    "resnet20_cifar_B",
+    10,
+    "pytorchcv",
+    32,
+    21,
+  ),
+  "pytorchcv_resnet20_cifar100": (
+    lambda: _pytorchcv("resnet20_cifar100"),
+    "resnet20_cifar_B",
+    100,
+    "pytorchcv",
+    32,
+    21,
+  ),
+  "pytorchcv_resnet18": (lambda: _pytorchcv("resnet18"), "resnet18", 1000, "pytorchcv", 64, 20),
+  "pytorchcv_resnet50": (lambda: _pytorchcv("resnet50"), "resnet50", 1000, "pytorchcv", 64, 53),
+  "pytorchcv_mobilenetv2_w1": (
+    lambda: _pytorchcv("mobilenetv2_w1"),
+    "mobilenetv2",
+    1000,
+    "pytorchcv",
+    64,
+    53,
+  ),
+  "torchvision_resnet18": (
+    lambda: _TvResNet(_TvBasicBlock, [2, 2, 2, 2]),
+    "resnet18",
+    1000,
+    "torchvision",
+    64,
+    20,
+  ),
+  "torchvision_resnet50": (
+    lambda: _TvResNet(_TvBottleneck, [3, 4, 6, 3]),
+    "resnet50_torchvision",
+    1000,
+    "torchvision",
+    64,
+    53,
+  ),
+  "torchvision_mobilenet_v2": (
+    _TvMobileNetV2,
+    "mobilenetv2_torchvision",
+    1000,
+    "torchvision",
+    64,
+    52,
+  ),
 }
 
 
@@ -265,7 +313,7 @@ def _max_rel_diff(ours, ref):
   return float(np.max(np.abs(ours - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name):
   """(torch net, our model, converted variables, input size) for a CASES entry."""
   build, model_name, classes, layout, size, _ = CASES[name]
@@ -308,9 +356,15 @@ def test_logits_match_pytorch(name):
   assert _max_rel_diff(ours, ref) <= RTOL, np.max(np.abs(np.asarray(ours) - ref))
 
 
-@pytest.mark.parametrize("ptcv_name, model_name", [
-    ("resnet20_cifar10", "resnet20_cifar_B"), ("resnet18", "resnet18"),
-    ("resnet50", "resnet50"), ("mobilenetv2_w1", "mobilenetv2")])
+@pytest.mark.parametrize(
+  "ptcv_name, model_name",
+  [
+    ("resnet20_cifar10", "resnet20_cifar_B"),
+    ("resnet18", "resnet18"),
+    ("resnet50", "resnet50"),
+    ("mobilenetv2_w1", "mobilenetv2"),
+  ],
+)
 def test_one_quant_act_per_pytorchcv_relu_module(ptcv_name, model_name):
   """GDFQ puts a QuantAct after every nn.ReLU/ReLU6 module: we have as many."""
   net = _pytorchcv(ptcv_name)
@@ -318,8 +372,12 @@ def test_one_quant_act_per_pytorchcv_relu_module(ptcv_name, model_name):
   student = _model(model_name, 10, quant=QuantPolicy())
   shapes = jax.eval_shape(lambda: student.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
   assert len(shapes["quant_stats"]) and n_relu == len(
-      [1 for p, _ in jax.tree_util.tree_leaves_with_path(shapes["quant_stats"])
-       if p[-1].key == "x_max"])
+    [
+      1
+      for p, _ in jax.tree_util.tree_leaves_with_path(shapes["quant_stats"])
+      if p[-1].key == "x_max"
+    ]
+  )
 
 
 def test_max_pool_matches_torch_padding():
@@ -343,25 +401,29 @@ def test_wrong_layout_is_rejected(akamaster_sd):
   with pytest.raises(ValueError, match="no mapping"):
     convert.convert_state_dict(akamaster_sd, model, "torchvision")
   with pytest.raises(ValueError, match="shortcut='B'"):
-    convert.convert_state_dict(akamaster_sd, get_model("resnet20_cifar", num_classes=10),
-                               "pytorchcv")
+    convert.convert_state_dict(
+      akamaster_sd, get_model("resnet20_cifar", num_classes=10), "pytorchcv"
+    )
   with pytest.raises(ValueError, match="unknown"):
     convert.convert_state_dict(akamaster_sd, model, "caffe")
 
 
 def test_wrong_depth_is_rejected(akamaster_sd):
   with pytest.raises(ValueError, match=r"missing key.*'layer1\.3\.bn1\.bias'.*depth=32"):
-    convert.convert_state_dict(akamaster_sd, get_model("resnet32_cifar", num_classes=10),
-                               "akamaster")
+    convert.convert_state_dict(
+      akamaster_sd, get_model("resnet32_cifar", num_classes=10), "akamaster"
+    )
   with pytest.raises(ValueError, match=r"extra key: torch key 'layer1\.1\.conv1\.weight'"):
-    convert.convert_state_dict(akamaster_sd, get_model("resnet8_cifar", num_classes=10),
-                               "akamaster")
+    convert.convert_state_dict(
+      akamaster_sd, get_model("resnet8_cifar", num_classes=10), "akamaster"
+    )
   # The message starts with what to do: the depth the checkpoint's blocks imply.
   for model in ("resnet8_cifar", "resnet56_cifar"):
     with pytest.raises(ValueError) as info:
       convert.convert_state_dict(akamaster_sd, get_model(model, num_classes=10), "akamaster")
     assert str(info.value).startswith(
-        "this checkpoint looks like a ResNet-20 (3 blocks per stage), not a ResNet-")
+      "this checkpoint looks like a ResNet-20 (3 blocks per stage), not a ResNet-"
+    )
     assert "use --config.teacher.model=resnet20_cifar." in str(info.value)
 
 
@@ -369,26 +431,36 @@ def test_missing_and_extra_keys_are_named(akamaster_sd):
   model = get_model("resnet20_cifar", num_classes=10)
   sd = dict(akamaster_sd)
   del sd["layer2.1.conv2.weight"]
-  with pytest.raises(ValueError, match=r"missing key: torch key 'layer2\.1\.conv2\.weight'"
-                     r".*layer2_1/conv2/kernel, shape \(3, 3, 32, 32\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing key: torch key 'layer2\.1\.conv2\.weight'"
+    r".*layer2_1/conv2/kernel, shape \(3, 3, 32, 32\)",
+  ):
     convert.convert_state_dict(sd, model, "akamaster")
-  sd = {**akamaster_sd, "fc.weight": np.zeros((10, 64), np.float32),
-        "bn1.num_batches_tracked": np.array(3)}  # the latter is ignored
-  with pytest.raises(ValueError,
-                     match=r"extra key: torch key 'fc\.weight' \(shape \(10, 64\)\)"):
+  sd = {
+    **akamaster_sd,
+    "fc.weight": np.zeros((10, 64), np.float32),
+    "bn1.num_batches_tracked": np.array(3),
+  }  # the latter is ignored
+  with pytest.raises(ValueError, match=r"extra key: torch key 'fc\.weight' \(shape \(10, 64\)\)"):
     convert.convert_state_dict(sd, model, "akamaster")
 
 
 def test_wrong_shape_names_key_and_both_shapes(akamaster_sd):
-  with pytest.raises(ValueError,
-                     match=r"torch key 'linear\.weight' has shape \(10, 64\) but our "
-                     r"params/linear/kernel needs \(64, 100\) \(in torch order \(100, 64\)\)"):
-    convert.convert_state_dict(akamaster_sd, get_model("resnet20_cifar", num_classes=100),
-                               "akamaster")
+  with pytest.raises(
+    ValueError,
+    match=r"torch key 'linear\.weight' has shape \(10, 64\) but our "
+    r"params/linear/kernel needs \(64, 100\) \(in torch order \(100, 64\)\)",
+  ):
+    convert.convert_state_dict(
+      akamaster_sd, get_model("resnet20_cifar", num_classes=100), "akamaster"
+    )
   sd = {**akamaster_sd, "conv1.weight": np.zeros((16, 3, 5, 5), np.float32)}
-  with pytest.raises(ValueError,
-                     match=r"'conv1\.weight' has shape \(16, 3, 5, 5\) but our params/conv1/"
-                     r"kernel needs \(3, 3, 3, 16\) \(in torch order \(16, 3, 3, 3\)\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"'conv1\.weight' has shape \(16, 3, 5, 5\) but our params/conv1/"
+    r"kernel needs \(3, 3, 3, 16\) \(in torch order \(16, 3, 3, 3\)\)",
+  ):
     convert.convert_state_dict(sd, get_model("resnet20_cifar", num_classes=10), "akamaster")
 
 
@@ -437,8 +509,20 @@ def test_orbax_round_trip_and_teacher_loading(tmp_path):
 
 def test_cli_converts_and_saves(tmp_path, capsys):
   out = tmp_path / "cli"
-  convert.main(["--src", AKAMASTER_CKPT, "--layout", "akamaster", "--model",
-                "resnet20_cifar", "--num-classes", "10", "--out", str(out)])
+  convert.main(
+    [
+      "--src",
+      AKAMASTER_CKPT,
+      "--layout",
+      "akamaster",
+      "--model",
+      "resnet20_cifar",
+      "--num-classes",
+      "10",
+      "--out",
+      str(out),
+    ]
+  )
   assert "269722 parameters" in capsys.readouterr().out
   restored = convert.load_variables(out)
   assert restored["params"]["conv1"]["kernel"].shape == (3, 3, 3, 16)

@@ -17,14 +17,14 @@ from dfq_jax.quant import QuantPolicy
 # resnet18 11,689,512, resnet50 25,557,032, mobilenetv2_w1 3,504,960), torchvision
 # (resnet34 21,797,672, mobilenet_v2 3,504,872) and akamaster (resnet20 0.27M = 269,722).
 EXPECTED = {
-    "resnet20_cifar": (10, 32, 269_722, 19, 19),
-    "resnet56_cifar": (10, 32, 853_018, 55, 55),  # +2,752 with option B = 855,770
-    "resnet18": (1000, 64, 11_689_512, 20, 17),
-    "resnet34": (1000, 64, 21_797_672, 36, 33),
-    "resnet50": (1000, 64, 25_557_032, 53, 49),
-    "resnet50_torchvision": (1000, 64, 25_557_032, 53, 49),
-    "mobilenetv2": (1000, 64, 3_504_960, 53, 36),
-    "mobilenetv2_torchvision": (1000, 64, 3_504_872, 52, 35),
+  "resnet20_cifar": (10, 32, 269_722, 19, 19),
+  "resnet56_cifar": (10, 32, 853_018, 55, 55),  # +2,752 with option B = 855,770
+  "resnet18": (1000, 64, 11_689_512, 20, 17),
+  "resnet34": (1000, 64, 21_797_672, 36, 33),
+  "resnet50": (1000, 64, 25_557_032, 53, 49),
+  "resnet50_torchvision": (1000, 64, 25_557_032, 53, 49),
+  "mobilenetv2": (1000, 64, 3_504_960, 53, 36),
+  "mobilenetv2_torchvision": (1000, 64, 3_504_872, 52, 35),
 }
 QUANT = QuantPolicy(w_bits=4, a_bits=4)
 FP32 = QuantPolicy(w_bits=32, a_bits=32)
@@ -58,9 +58,18 @@ def random_variables(model, input_shape, seed=0):
 
 
 def test_registry_keeps_cifar_names():
-  for name in ("resnet8_cifar", "resnet20_cifar", "resnet32_cifar", "resnet44_cifar",
-               "resnet56_cifar", "resnet18", "resnet50", "mobilenetv2",
-               "mobilenetv2_torchvision", "resnet50_torchvision"):
+  for name in (
+    "resnet8_cifar",
+    "resnet20_cifar",
+    "resnet32_cifar",
+    "resnet44_cifar",
+    "resnet56_cifar",
+    "resnet18",
+    "resnet50",
+    "mobilenetv2",
+    "mobilenetv2_torchvision",
+    "resnet50_torchvision",
+  ):
     assert name in MODELS
   with pytest.raises(ValueError, match="unknown"):
     get_model("resnet19", num_classes=10)
@@ -83,13 +92,16 @@ def test_variable_counts_and_output_shape(name):
   assert _count(sv["quant_stats"]) == 3 * n_relu
   # The student has the same params/batch_stats as the teacher.
   assert jax.tree.map(lambda a: a.shape, {k: sv[k] for k in v}) == jax.tree.map(
-      lambda a: a.shape, v)
+    lambda a: a.shape, v
+  )
 
 
 def test_first_and_last_roles_and_layer_names():
   # The policy's first/last bits must reach the stem conv and the classifier.
-  for name, first, last in [("resnet18", "conv1", "fc"), ("mobilenetv2", "stem_conv",
-                                                           "classifier")]:
+  for name, first, last in [
+    ("resnet18", "conv1", "fc"),
+    ("mobilenetv2", "stem_conv", "classifier"),
+  ]:
     model = get_model(name, num_classes=10)
     params = abstract_variables(model, (1, 64, 64, 3))["params"]
     assert first in params and last in params
@@ -101,11 +113,14 @@ def test_bottleneck_stride_placement():
   def strides_of(conv1_stride):
     model = get_model("resnet50", num_classes=10, conv1_stride=conv1_stride)
     _, state = jax.eval_shape(
-        lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
-                                       capture_intermediates=True))
+      lambda: model.init_with_output(
+        jax.random.key(0), jnp.zeros((1, 64, 64, 3)), capture_intermediates=True
+      )
+    )
     inter = state["intermediates"]["layer2_0"]
     return inter["conv1"]["__call__"][0].shape[1], inter["conv2"]["__call__"][0].shape[1]
-  assert strides_of(True) == (8, 8)    # 16x16 input of layer2: stride on the 1x1
+
+  assert strides_of(True) == (8, 8)  # 16x16 input of layer2: stride on the 1x1
   assert strides_of(False) == (16, 8)  # stride on the 3x3 (torchvision v1.5)
 
 
@@ -128,10 +143,15 @@ def test_quantized_mobilenet_runs_and_updates_ranges():
   student = get_model("mobilenetv2", num_classes=10, quant=QUANT)
   qs = jax.eval_shape(lambda: student.init(jax.random.key(0), x))["quant_stats"]
   qs = jax.tree_util.tree_map_with_path(  # fresh ranges: x_min = x_max = 0, beta_t = 1
-      lambda p, s: jnp.full(s.shape, 1.0 if p[-1].key == "beta_t" else 0.0, s.dtype), qs)
+    lambda p, s: jnp.full(s.shape, 1.0 if p[-1].key == "beta_t" else 0.0, s.dtype), qs
+  )
   logits, upd = jax.jit(lambda v, x: student.apply(v, x, mutable=["quant_stats"]))(
-      {**v, "quant_stats": qs}, x)
+    {**v, "quant_stats": qs}, x
+  )
   assert logits.shape == (2, 10) and np.all(np.isfinite(logits))
-  x_max = [float(a) for p, a in jax.tree_util.tree_leaves_with_path(upd["quant_stats"])
-           if p[-1].key == "x_max"]
+  x_max = [
+    float(a)
+    for p, a in jax.tree_util.tree_leaves_with_path(upd["quant_stats"])
+    if p[-1].key == "x_max"
+  ]
   assert len(x_max) == EXPECTED["mobilenetv2"][4] and min(x_max) > 0

@@ -8,13 +8,16 @@ import pytest
 from dfq_jax.quant import numerics
 
 
-@pytest.mark.parametrize("x, bits, lo, hi, expected", [
-    ([0, .1, .2, .3], 2, 0., .3, [0, .1, .2, .3]),
+@pytest.mark.parametrize(
+  "x, bits, lo, hi, expected",
+  [
+    ([0, 0.1, 0.2, 0.3], 2, 0.0, 0.3, [0, 0.1, 0.2, 0.3]),
     # Zero point rounds to an even integer: +1 is not representable.
-    ([-1, -.3, 0, .26, .5, 1], 2, -1., 1., [-4 / 3, 0, 0, 0, 2 / 3, 2 / 3]),
+    ([-1, -0.3, 0, 0.26, 0.5, 1], 2, -1.0, 1.0, [-4 / 3, 0, 0, 0, 2 / 3, 2 / 3]),
     # x=2 maps up because -0.5 rounds half-to-even.
-    ([0, .4, 1, 2, 3.5, 4], 3, 0., 4., [0, .5714286, 1.1428572, 2.2857144, 3.4285715, 4.]),
-])
+    ([0, 0.4, 1, 2, 3.5, 4], 3, 0.0, 4.0, [0, 0.5714286, 1.1428572, 2.2857144, 3.4285715, 4.0]),
+  ],
+)
 def test_asym_fake_quant_known_values(x, bits, lo, hi, expected):
   out = numerics.asym_fake_quant(jnp.asarray(x, jnp.float32), bits, lo, hi)
   np.testing.assert_allclose(out, expected, atol=1e-6)
@@ -23,8 +26,8 @@ def test_asym_fake_quant_known_values(x, bits, lo, hi, expected):
 def _numpy_reference(x, bits, lo, hi):
   n = 2.0**bits - 1
   s = n / np.maximum(hi - lo, 1e-8)
-  zp = np.round(s * lo) + 2.0**(bits - 1)
-  q = np.clip(np.round(s * x - zp), -2.0**(bits - 1), 2.0**(bits - 1) - 1)
+  zp = np.round(s * lo) + 2.0 ** (bits - 1)
+  q = np.clip(np.round(s * x - zp), -(2.0 ** (bits - 1)), 2.0 ** (bits - 1) - 1)
   return (q + zp) / s
 
 
@@ -40,11 +43,12 @@ def test_matches_numpy_reference_and_level_count(bits):
 
 
 def test_ste_gradient_is_identity_also_outside_range():
-  x = jnp.array([-3., -.5, 0., .2, .9, 5.])
-  g = jax.grad(lambda x: jnp.sum(numerics.fake_quant_ste(x, 3, 0., 1.)))(x)
+  x = jnp.array([-3.0, -0.5, 0.0, 0.2, 0.9, 5.0])
+  g = jax.grad(lambda x: jnp.sum(numerics.fake_quant_ste(x, 3, 0.0, 1.0)))(x)
   np.testing.assert_array_equal(g, jnp.ones_like(x))
   g_lo, g_hi = jax.grad(
-      lambda lo, hi: jnp.sum(numerics.fake_quant_ste(x, 3, lo, hi)), argnums=(0, 1))(0., 1.)
+    lambda lo, hi: jnp.sum(numerics.fake_quant_ste(x, 3, lo, hi)), argnums=(0, 1)
+  )(0.0, 1.0)
   assert g_lo == 0 and g_hi == 0
 
 
@@ -70,7 +74,7 @@ def test_parity_ema_known_sequence():
   state = (jnp.float32(0), jnp.float32(0), jnp.float32(1))
   seq = []
   for m in [1.0, 1.0, 1.0, 2.0]:
-    state = numerics.update_range(*state, jnp.float32(0), jnp.float32(m), mode="parity")
+    state = numerics.update_range(*state, jnp.float32(0), jnp.float32(m), mode="bias_corrected")
     seq.append(float(state[1]))
   np.testing.assert_allclose(seq[:3], [1.0, 5.263158, 17.848126], rtol=1e-6)
   np.testing.assert_allclose(seq[3], 47.290821, rtol=2e-6)  # float32
@@ -78,7 +82,7 @@ def test_parity_ema_known_sequence():
 
 def test_parity_ema_converges_to_plain_ema():
   state = (jnp.float32(0), jnp.float32(0), jnp.float32(1))
-  update = jax.jit(lambda s: numerics.update_range(*s, 0., 1., mode="parity"))
+  update = jax.jit(lambda s: numerics.update_range(*s, 0.0, 1.0, mode="bias_corrected"))
   for _ in range(200):
     state = update(state)
   np.testing.assert_allclose(float(state[1]), 1.00007, atol=2e-5)
@@ -86,13 +90,13 @@ def test_parity_ema_converges_to_plain_ema():
 
 def test_plain_ema_and_minmax():
   s = (jnp.float32(0), jnp.float32(0), jnp.float32(1))
-  s = numerics.update_range(*s, -1., 2., mode="ema")
+  s = numerics.update_range(*s, -1.0, 2.0, mode="ema")
   assert (float(s[0]), float(s[1])) == (-1.0, 2.0)  # first batch initialises
-  s = numerics.update_range(*s, 0., 4., mode="ema")
+  s = numerics.update_range(*s, 0.0, 4.0, mode="ema")
   np.testing.assert_allclose([s[0], s[1]], [-0.9, 2.2], rtol=1e-6)
   m = (jnp.float32(0), jnp.float32(0), jnp.float32(1))
-  m = numerics.update_range(*m, 1., 2., mode="minmax")
-  m = numerics.update_range(*m, 1.5, 3., mode="minmax")
+  m = numerics.update_range(*m, 1.0, 2.0, mode="minmax")
+  m = numerics.update_range(*m, 1.5, 3.0, mode="minmax")
   assert (float(m[0]), float(m[1])) == (1.0, 3.0)
 
 

@@ -9,8 +9,18 @@ registered (skip_registration): it would clash with the catalog's cifar10.
 
 import tensorflow_datasets as tfds
 
-CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-               "ship", "truck"]
+CLASS_NAMES = [
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+]
 
 
 class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -19,13 +29,15 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "id": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(32, 32, 3)),
-            "label": tfds.features.ClassLabel(names=CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(32, 32, 3)),
+          "label": tfds.features.ClassLabel(names=CLASS_NAMES),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):

@@ -12,13 +12,15 @@ class Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "file_name": tfds.features.Text(),
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-            "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "file_name": tfds.features.Text(),
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(names=self.CLASS_NAMES),
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):

@@ -16,8 +16,13 @@ RTOL = 1e-5
 
 
 def _reference(x, kernel, bias):
-  y = jax.lax.conv_general_dilated(upsample_nearest_2x(x), kernel, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    upsample_nearest_2x(x),
+    kernel,
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   return y + bias
 
 
@@ -26,11 +31,11 @@ _inputs = functools.partial(conv_inputs, out_scale=2)  # dy at twice the input's
 
 
 SHAPES = [  # (batch, H, W, cin, cout)
-    (2, 4, 4, 8, 16),
-    (3, 5, 3, 7, 5),      # H != W, channels not multiples of 8
-    (1, 1, 1, 3, 2),      # H = W = 1, batch 1
-    (1, 1, 6, 5, 9),      # H = 1
-    (2, 8, 8, 64, 32),
+  (2, 4, 4, 8, 16),
+  (3, 5, 3, 7, 5),  # H != W, channels not multiples of 8
+  (1, 1, 1, 3, 2),  # H = W = 1, batch 1
+  (1, 1, 6, 5, 9),  # H = 1
+  (2, 8, 8, 64, 32),
 ]
 
 
@@ -70,8 +75,10 @@ def _generator_case(name, **kw):
   batch = 4
   z = jax.random.normal(jax.random.key(0), (batch, 100))
   labels = jnp.arange(batch) % 10
-  gens = {impl: get_generator(name, num_classes=10, conv_impl=impl, **kw)
-          for impl in ("standard", "subpixel")}
+  gens = {
+    impl: get_generator(name, num_classes=10, conv_impl=impl, **kw)
+    for impl in ("standard", "subpixel")
+  }
   params = gens["standard"].init(jax.random.key(1), z, labels)["params"]
   # Same parameter tree (names, shapes, init values) from both implementations.
   params_sub = gens["subpixel"].init(jax.random.key(1), z, labels)["params"]
@@ -81,9 +88,11 @@ def _generator_case(name, **kw):
   target = jax.random.normal(jax.random.key(2), (batch,) + (kw["image_size"],) * 2 + (3,))
   out = {}
   for impl, gen in gens.items():
+
     def loss(p, gen=gen):
       images = gen.apply({"params": p}, z, labels)
       return jnp.mean((images - target) ** 2), images
+
     out[impl] = jax.jit(jax.grad(loss, has_aux=True))(params)
   (g_std, x_std), (g_sub, x_sub) = out["standard"], out["subpixel"]
   _close(x_sub, x_std, rtol=1e-5)
@@ -91,8 +100,9 @@ def _generator_case(name, **kw):
   # feed a BN, so their own gradients are ~0 (pure rounding noise). (A leaky-ReLU input
   # within rounding of 0 could flip its slope; these seeds have none.)
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_std))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale),
-               g_sub, g_std)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale), g_sub, g_std
+  )
 
 
 def test_cifar_generator_same_images_and_grads():
@@ -115,6 +125,7 @@ def test_generator_rejects_bad_conv_impl():
 def test_kernel_gradient_fold_is_the_exact_transpose():
   """The written-out transpose equals jax.linear_transpose of the kernel fold."""
   from dfq_jax.generators import subpixel
+
   kernel = jax.random.normal(jax.random.key(0), (3, 3, 5, 7))
   cotangent = jax.random.normal(jax.random.key(1), (4 * 5, 4 * 7))
   (expected,) = jax.linear_transpose(subpixel.subpixel_kernel, kernel)(cotangent)

@@ -22,7 +22,8 @@ def teacher():
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 64))
   variables = dict(variables)
   variables["batch_stats"] = jax.tree.map(
-      lambda a: a + 0.1 * jax.random.uniform(next(keys), a.shape), variables["batch_stats"])
+    lambda a: a + 0.1 * jax.random.uniform(next(keys), a.shape), variables["batch_stats"]
+  )
   return model, variables
 
 
@@ -47,12 +48,12 @@ def _running_node(m, r):
 def _handmade():
   # Layer "blk/bn": B=2, C=2. Layer "bn_out": B=2, C=1.
   bn_stats = {
-      "blk": {"bn": _stats_node([[1., 3.], [3., 3.]], [[1., 2.], [3., 5.]])},
-      "bn_out": _stats_node([[0.], [2.]], [[1.], [1.]]),
+    "blk": {"bn": _stats_node([[1.0, 3.0], [3.0, 3.0]], [[1.0, 2.0], [3.0, 5.0]])},
+    "bn_out": _stats_node([[0.0], [2.0]], [[1.0], [1.0]]),
   }
   running = {
-      "blk": {"bn": _running_node([1., 1.], [2., 1.])},
-      "bn_out": _running_node([0.], [1.]),
+    "blk": {"bn": _running_node([1.0, 1.0], [2.0, 1.0])},
+    "bn_out": _running_node([0.0], [1.0]),
   }
   return bn_stats, running
 
@@ -83,7 +84,7 @@ def test_spread_from_stats_hand_computed():
 def test_bn_features_standardised_and_concatenated():
   bn_stats, running = _handmade()
   feats = D.bn_features(bn_stats, running)
-  np.testing.assert_allclose(feats, [[0., 2., 0.], [1., 2., 2.]], atol=1e-12)
+  np.testing.assert_allclose(feats, [[0.0, 2.0, 0.0], [1.0, 2.0, 2.0]], atol=1e-12)
 
 
 def test_spread_missing_layer_raises():
@@ -95,9 +96,9 @@ def test_spread_missing_layer_raises():
 
 def test_mean_pairwise_cosine_known_values():
   assert D.mean_pairwise_cosine(np.eye(5)) == 0.0
-  assert D.mean_pairwise_cosine(np.ones((4, 3)) * [1., 2., 3.]) == pytest.approx(1.0, abs=1e-12)
+  assert D.mean_pairwise_cosine(np.ones((4, 3)) * [1.0, 2.0, 3.0]) == pytest.approx(1.0, abs=1e-12)
   # Three vectors at 0 / 90 / 45 degrees: cosines 0, 1/sqrt2, 1/sqrt2 -> mean sqrt2/3.
-  rows = np.array([[1., 0.], [0., 2.], [3., 3.]])
+  rows = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
   assert D.mean_pairwise_cosine(rows) == pytest.approx(np.sqrt(2) / 3)
   # Blocked accumulation equals the explicit Gram off-diagonal mean.
   x = np.random.default_rng(0).standard_normal((600, 7))
@@ -137,12 +138,18 @@ def test_network_order_and_structure(teacher):
   model, variables = teacher
   out = D.diversity_stats(model, variables, _noise(1), batch_size=N)
   names = [l["layer"] for l in out["per_layer"]]
-  assert names == ["bn1", "layer1_0/bn1", "layer1_0/bn2", "layer2_0/bn1", "layer2_0/bn2",
-                   "layer3_0/bn1", "layer3_0/bn2"]
+  assert names == [
+    "bn1",
+    "layer1_0/bn1",
+    "layer1_0/bn2",
+    "layer2_0/bn1",
+    "layer2_0/bn2",
+    "layer3_0/bn1",
+    "layer3_0/bn2",
+  ]
   for key in D.METRICS:
     assert out[key] == pytest.approx(np.mean([l[key] for l in out["per_layer"]]))
-  assert set(out) == {"per_layer", *D.METRICS, "cosine_images", "cosine_features",
-                      "num_images"}
+  assert set(out) == {"per_layer", *D.METRICS, "cosine_images", "cosine_features", "num_images"}
 
 
 def test_batching_invariance(teacher):
@@ -193,10 +200,22 @@ def test_rejects_bad_input(teacher):
 
 
 def _fake_stats(scale, layers=4):
-  per_layer = [{"layer": f"bn{i}", "mean_spread": scale * (i + 1), "std_spread": scale,
-                "mean_gap": 0.1, "std_gap": 0.2} for i in range(layers)]
-  out = {"per_layer": per_layer, "cosine_images": 1 - scale, "cosine_features": 0.5,
-         "num_images": 8}
+  per_layer = [
+    {
+      "layer": f"bn{i}",
+      "mean_spread": scale * (i + 1),
+      "std_spread": scale,
+      "mean_gap": 0.1,
+      "std_gap": 0.2,
+    }
+    for i in range(layers)
+  ]
+  out = {
+    "per_layer": per_layer,
+    "cosine_images": 1 - scale,
+    "cosine_features": 0.5,
+    "num_images": 8,
+  }
   for key in D.METRICS:
     out[key] = float(np.mean([l[key] for l in per_layer]))
   return out

@@ -7,16 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from dfq_test_utils import load_config, set_values, tiny_config
-from dfq_jax import experiment
-from dfq_jax import losses
+
+from dfq_jax import config_base, losses, networks, ptq_grid
 from dfq_jax import run as run_lib
 from dfq_jax.models import get_model
+from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.ptq import pipeline, synthesis
-from dfq_jax.quant import QuantPolicy
-from dfq_jax.quant import numerics
-
+from dfq_jax.quant import QuantPolicy, numerics
+from dfq_jax.quant.calibration import calibrate_ranges
 
 # ---- range observers (methods.md §4.1) ------------------------------------------------
 
@@ -65,8 +64,10 @@ def test_calibration_observer_changes_the_ranges_of_the_student():
   student = get_model("resnet8_cifar", num_classes=10, quant=QuantPolicy(w_bits=4, a_bits=4))
   variables = student.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   batch = [jax.random.normal(jax.random.key(1), (16, 8, 8, 3))]
-  ranges = {obs: experiment.calibrate_ranges(student, variables, batch, observer=obs)
-            for obs in ("minmax", "sample_mean", "percentile", "mse")}
+  ranges = {
+    obs: calibrate_ranges(student, variables, batch, observer=obs)
+    for obs in ("minmax", "sample_mean", "percentile", "mse")
+  }
   top = {obs: float(r["act1"]["x_max"]) for obs, r in ranges.items()}
   # The stem activation: min/max is the widest; the others are strictly inside it.
   assert top["minmax"] > 0
@@ -82,32 +83,50 @@ def test_plateau_update_matches_torch_reduce_lr_on_plateau():
   lr, best, bad = jnp.float32(0.5), jnp.float32(jnp.inf), jnp.int32(0)
   lrs = []
   for loss in [1.0, 0.9, 0.95, 0.89995, 0.91, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6]:
-    lr, best, bad = synthesis.plateau_update(lr, best, bad, jnp.float32(loss), patience=2,
-                                             min_lr=1e-3)
+    lr, best, bad = synthesis.plateau_update(
+      lr, best, bad, jnp.float32(loss), patience=2, min_lr=1e-3
+    )
     lrs.append(round(float(lr), 6))
   # After the best 0.9: 0.95, 0.89995 (not below 0.9·(1 − 1e-4): too small a gain), 0.91
   # are 3 bad steps > patience: lr x0.1; 0.5 improves; then every 3rd 0.6 cuts lr, and the
   # second cut is floored at min_lr.
-  assert lrs == [0.5, 0.5, 0.5, 0.5, 0.05, 0.05, 0.05, 0.05, 0.005, 0.005, 0.005, 0.001,
-                 0.001, 0.001]
+  assert lrs == [
+    0.5,
+    0.5,
+    0.5,
+    0.5,
+    0.05,
+    0.05,
+    0.05,
+    0.05,
+    0.005,
+    0.005,
+    0.005,
+    0.001,
+    0.001,
+    0.001,
+  ]
 
 
 def test_bn_positions_are_the_spatial_sizes_of_each_bn_input():
   model = get_model("resnet8_cifar", num_classes=10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   positions = synthesis.bn_positions(model, variables, (16, 16, 3))
-  assert positions == {"bn1": 256,
-                       "layer1_0": {"bn1": 256, "bn2": 256},
-                       "layer2_0": {"bn1": 64, "bn2": 64},
-                       "layer3_0": {"bn1": 16, "bn2": 16}}
+  assert positions == {
+    "bn1": 256,
+    "layer1_0": {"bn1": 256, "bn2": 256},
+    "layer2_0": {"bn1": 64, "bn2": 64},
+    "layer3_0": {"bn1": 16, "bn2": 16},
+  }
 
 
 def _tiny_teacher():
   model = get_model("resnet8_cifar", num_classes=10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   # Non-trivial running statistics, so margins and gaps are not all zero.
-  stats = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(jax.random.key(3), v.shape),
-                       variables["batch_stats"])
+  stats = jax.tree.map(
+    lambda v: v + 0.3 * jax.random.uniform(jax.random.key(3), v.shape), variables["batch_stats"]
+  )
   return model, {**variables, "batch_stats": stats}
 
 
@@ -118,17 +137,26 @@ def _loss_parts(hp, x, labels, key, model, variables, margins):
     logits, state = model.apply(variables, x, mutable=["bn_stats"])
     return logits, state["bn_stats"]
 
-  return synthesis.synthesis_loss(hp, x, labels, key, teacher_apply=teacher_apply,
-                                  running=variables["batch_stats"], margins=margins,
-                                  positions=positions, num_layers=7)
+  return synthesis.synthesis_loss(
+    hp,
+    x,
+    labels,
+    key,
+    teacher_apply=teacher_apply,
+    running=variables["batch_stats"],
+    margins=margins,
+    positions=positions,
+    num_layers=7,
+  )
 
 
 def test_zeroq_objective_is_bn_statistics_and_input_prior_only():
   model, variables = _tiny_teacher()
-  hp = synthesis.PtqHparams(**synthesis.PRESETS["zeroq_ptq"])
+  hp = synthesis.PtqHparams(**config_base.PTQ_PRESETS["zeroq_ptq"])
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
-  total, terms = _loss_parts(hp, x, jnp.zeros(4, jnp.int32), jax.random.key(2), model,
-                             variables, (0.0, 0.0))
+  total, terms = _loss_parts(
+    hp, x, jnp.zeros(4, jnp.int32), jax.random.key(2), model, variables, (0.0, 0.0)
+  )
   assert set(terms) == {"bn", "input_prior"}
   np.testing.assert_allclose(float(total), float(terms["bn"] + terms["input_prior"]), rtol=1e-6)
   # The ZeroQ loss by hand: Σ_l (1/B)(‖μ_b − μ_run‖² + ‖σ_b − σ_run‖²), σ from the
@@ -142,20 +170,28 @@ def test_zeroq_objective_is_bn_statistics_and_input_prior_only():
     for key in path:
       n = n[key]
     mean, var = np.asarray(node["mean"]), np.asarray(node["var"]) * n / (n - 1)
-    expected += (np.sum((mean - np.asarray(run["mean"]))**2)
-                 + np.sum((np.sqrt(var + 1e-6) - np.sqrt(np.asarray(run["var"]) + 1e-6))**2)) / 4
+    expected += (
+      np.sum((mean - np.asarray(run["mean"])) ** 2)
+      + np.sum((np.sqrt(var + 1e-6) - np.sqrt(np.asarray(run["var"]) + 1e-6)) ** 2)
+    ) / 4
   np.testing.assert_allclose(float(terms["bn"]), expected, rtol=1e-5)
 
 
 def test_dsg_objective_adds_each_term_with_its_weight():
   model, variables = _tiny_teacher()
-  hp = synthesis.PtqHparams(**synthesis.PRESETS["dsg_ptq"])
+  hp = synthesis.PtqHparams(**config_base.PTQ_PRESETS["dsg_ptq"])
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
   labels = jnp.asarray([0, 1, 2, 3])
   total, terms = _loss_parts(hp, x, labels, jax.random.key(2), model, variables, (0.1, 0.1))
   assert set(terms) == {"bn", "input_prior", "sci", "ce", "tv_l2", "l2"}
-  expected = (terms["bn"] + terms["input_prior"] + terms["sci"] / 7 + 2 * terms["ce"]
-              + 0.01 * terms["tv_l2"] + 0.01 * terms["l2"])
+  expected = (
+    terms["bn"]
+    + terms["input_prior"]
+    + terms["sci"] / 7
+    + 2 * terms["ce"]
+    + 0.01 * terms["tv_l2"]
+    + 0.01 * terms["l2"]
+  )
   np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
   # The slack: a margin larger than every gap leaves no alignment loss.
   _, wide = _loss_parts(hp, x, labels, jax.random.key(2), model, variables, (1e3, 1e3))
@@ -166,21 +202,30 @@ def test_logged_sci_carries_no_gradient_and_differentiable_does():
   model, variables = _tiny_teacher()
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3))
   labels = jnp.zeros(4, jnp.int32)
-  base = dict(synthesis.PRESETS["dsg_ptq"], sci_weight=1.0)
+  base = dict(config_base.PTQ_PRESETS["dsg_ptq"], sci_weight=1.0)
 
   def grad(**kw):
     hp = synthesis.PtqHparams(**dict(base, **kw))
-    return jax.grad(lambda x: _loss_parts(hp, x, labels, jax.random.key(2), model,
-                                          variables, (0.1, 0.1))[0])(x)
+    return jax.grad(
+      lambda x: _loss_parts(hp, x, labels, jax.random.key(2), model, variables, (0.1, 0.1))[0]
+    )(x)
 
   np.testing.assert_array_equal(grad(sci="logged"), grad(sci="off"))
   assert float(jnp.max(jnp.abs(grad(sci="differentiable") - grad(sci="off")))) > 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "ptq.steps"), (dict(lse="row"), "ptq.lse"), (dict(sci="on"), "ptq.sci"),
-    (dict(init="zeros"), "ptq.init"), (dict(lr=-1.0), "ptq.lr"),
-    (dict(margin_percentile=101.0), "margin_percentile"), (dict(ce_weight=-2.0), "ce_weight")])
+@pytest.mark.parametrize(
+  "kwargs, message",
+  [
+    (dict(steps=0), "ptq.steps"),
+    (dict(lse="row"), "ptq.lse"),
+    (dict(sci="on"), "ptq.sci"),
+    (dict(init="zeros"), "ptq.init"),
+    (dict(lr=-1.0), "ptq.lr"),
+    (dict(margin_percentile=101.0), "margin_percentile"),
+    (dict(ce_weight=-2.0), "ce_weight"),
+  ],
+)
 def test_bad_hyperparameters_are_named(kwargs, message):
   with pytest.raises(ValueError, match=message):
     synthesis.PtqHparams(**kwargs)
@@ -189,11 +234,12 @@ def test_bad_hyperparameters_are_named(kwargs, message):
 @pytest.mark.parametrize("method", ["zeroq_ptq", "dsg_ptq"])
 def test_synthesis_reduces_the_alignment_loss(method):
   model, variables = _tiny_teacher()
-  hp = synthesis.PtqHparams(**dict(synthesis.PRESETS[method], steps=40, batch_size=8))
+  hp = synthesis.PtqHparams(**dict(config_base.PTQ_PRESETS[method], steps=40, batch_size=8))
   synth = synthesis.make_synthesizer(hp, model, variables, jax.random.key(0), (8, 8, 3), 10)
   seen = []
-  images, labels, last = synth.run_batch(jax.random.key(1), log=lambda t, m: seen.append(m),
-                                         log_every=1)
+  images, labels, last = synth.run_batch(
+    jax.random.key(1), log=lambda t, m: seen.append(m), log_every=1
+  )
   assert images.shape == (8, 8, 8, 3) and labels.shape == (8,)
   assert len(seen) == 40 and last == seen[-1]
   for term in ("loss", "bn"):
@@ -208,26 +254,41 @@ def test_ptq_run_writes_results_samples_and_diagnostics(tiny_teacher_dir, tmp_pa
   config.ptq.steps, config.ptq.batch_size, config.ptq.log_every_steps = 6, 16, 3
   workdir = str(tmp_path / "dsg")
   results = run_lib.run(config, workdir, log=lambda *a: None)
-  for key in ("fp_top1", "quant_top1_before", "final_top1", "best_top1", "method", "bits",
-              "steps", "wall_s", "synthesis_s", "calibration_s", "diversity"):
+  for key in (
+    "fp_top1",
+    "quant_top1_before",
+    "final_top1",
+    "best_top1",
+    "method",
+    "bits",
+    "steps",
+    "wall_s",
+    "synthesis_s",
+    "calibration_s",
+    "diversity",
+  ):
     assert key in results, key
   assert results["method"] == "dsg_ptq" and results["synthetic_images"] == 16
   assert results["final_top1"] == results["best_top1"] and not results["best_is_test_selected"]
   assert results["calibration_method"] == "sample_mean"  # the DSG code's 'ema'
   assert set(results["diversity"]) == {"dsg_ptq", "real"}
-  for name in ("results.json", "diversity.json", "diversity.png", "synthetic.npz",
-               os.path.join("samples", "synthetic.png")):
+  for name in (
+    "results.json",
+    "diversity.json",
+    "diversity.png",
+    "synthetic.npz",
+    os.path.join("samples", "synthetic.png"),
+  ):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == [3, 6] and "synthesis/bn" in rows[0]
 
 
-def test_synthesis_resumes_at_the_next_batch_and_matches(tiny_teacher_dir, tmp_path,
-                                                         monkeypatch):
+def test_synthesis_resumes_at_the_next_batch_and_matches(tiny_teacher_dir, tmp_path, monkeypatch):
   config = tiny_config(tiny_teacher_dir, "zeroq_ptq")
   config.ptq.steps, config.ptq.batch_size, config.ptq.batches = 4, 8, 2
-  models = experiment.build_models(config, experiment.load_teacher(config))
+  models = networks.build_models(config, teacher_lib.load_teacher(config))
   quiet = lambda *a: None
   os.makedirs(tmp_path / "a")
   whole, whole_labels, _ = pipeline.synthesize(config, models, str(tmp_path / "a"), log=quiet)
@@ -284,11 +345,14 @@ def test_ptq_configs_apply_the_code_presets():
     assert load_config(name, "dsg_ptq,w4a4").ptq.objective == "dsg_ptq"
 
 
-@pytest.mark.parametrize("override, message", [
+@pytest.mark.parametrize(
+  "override, message",
+  [
     ({"method": "dsg_ptq"}, "with the config argument"),
     ({"calib.method": "kl"}, "calib.method"),
     ({"calib.percentile": 10.0}, "calib.percentile"),
-])
+  ],
+)
 def test_bad_ptq_settings_stop_before_work(tiny_teacher_dir, tmp_path, override, message):
   config = set_values(tiny_config(tiny_teacher_dir, "gdfq"), **override)
   with pytest.raises(ValueError, match=message):
@@ -297,13 +361,13 @@ def test_bad_ptq_settings_stop_before_work(tiny_teacher_dir, tmp_path, override,
 
 
 def test_ptq_grid_tables_every_set_and_observer(tiny_teacher_dir, tmp_path):
-  from dfq_jax.ptq import grid
   config = tiny_config(tiny_teacher_dir, "gdfq")
   config.ptq.steps, config.ptq.batch_size = 4, 16
   observers = ("sample_mean", "mse")
-  table = grid.ptq_grid(config, ["w4a4"], str(tmp_path), observers=observers,
-                        log=lambda *a: None)
-  assert set(table["cells"]) == {f"w4a4,{s},{o}" for s in grid.SOURCES for o in observers}
+  table = ptq_grid.ptq_grid(
+    config, ["w4a4"], str(tmp_path), observers=observers, log=lambda *a: None
+  )
+  assert set(table["cells"]) == {f"w4a4,{s},{o}" for s in ptq_grid.SOURCES for o in observers}
   assert table["calibration_images"] == 16 and set(table["diversity"]) == {"real", "zeroq", "dsg"}
   # The PTQ runs' own results agree with the grid's cell of the same setting.
   with open(tmp_path / "dsg_ptq" / "results.json") as f:
@@ -317,11 +381,11 @@ def test_ptq_grid_tables_every_set_and_observer(tiny_teacher_dir, tmp_path):
 
 
 def test_zeroq_initial_images_are_the_codes_255_levels_near_zero():
-  hp = synthesis.PtqHparams(**synthesis.PRESETS["zeroq_ptq"])
+  hp = synthesis.PtqHparams(**config_base.PTQ_PRESETS["zeroq_ptq"])
   x = np.asarray(synthesis.initial_images(hp, jax.random.key(0), (32, 32, 3)))
   assert x.shape == (32, 32, 32, 3)
-  levels = x * 5418.75 + 127.5        # (randint(0, 255) - 127.5) / 5418.75
+  levels = x * 5418.75 + 127.5  # (randint(0, 255) - 127.5) / 5418.75
   np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
   assert levels.min() >= -1e-3 and levels.max() <= 254 + 1e-3
   assert -0.0236 < x.min() < -0.0230 and 0.0230 < x.max() < 0.0236
-  assert abs(x.mean()) < 1e-3   # U(-0.0235, 0.0235): the code's "mean 0" (var ~1.8e-4)
+  assert abs(x.mean()) < 1e-3  # U(-0.0235, 0.0235): the code's "mean 0" (var ~1.8e-4)

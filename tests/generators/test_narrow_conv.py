@@ -11,18 +11,22 @@ from dfq_jax.quant.layers import QConv
 
 
 def _reference(x, kernel, bias):
-  y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(
+    x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return y + bias
 
 
-@pytest.mark.parametrize("shape", [  # (batch, H, W, cin, cout)
+@pytest.mark.parametrize(
+  "shape",
+  [  # (batch, H, W, cin, cout)
     (2, 8, 8, 64, 3),
-    (3, 5, 7, 6, 2),   # H != W, odd sizes
-    (1, 1, 1, 4, 3),   # one pixel: only the centre tap sees data
-    (1, 2, 9, 5, 1),   # H = 2, one output channel
+    (3, 5, 7, 6, 2),  # H != W, odd sizes
+    (1, 1, 1, 4, 3),  # one pixel: only the centre tap sees data
+    (1, 2, 9, 5, 1),  # H = 2, one output channel
     (2, 6, 6, 3, 16),  # wide output still exact
-])
+  ],
+)
 def test_forward_and_gradients_match_lax_conv(shape):
   x, kernel, bias, dy = conv_inputs(*shape)
   y, vjp = jax.vjp(conv3x3_narrow, x, kernel, bias)
