@@ -97,6 +97,27 @@ class CondBatchNorm(nn.Module):
     return x * scale[:, None, None, :] + shift[:, None, None, :]
 
 
+def _decode(gen, h, norm):
+  """The body both generators share, from the first feature map [B, S/4, S/4, width]:
+  norm -> up x2 + conv1 -> norm -> LeakyReLU -> up x2 + conv2 -> norm -> LeakyReLU -> conv3
+  -> tanh -> affine-free BN. `norm(eps, name)` gives the inner normalisation layer (BN, or
+  class-conditional BN); the first one uses eps 1e-5, the two inner ones `gen.bn_eps`."""
+  h = norm(1e-5, "bn0")(h)
+  h = _upsample_conv(h, gen.width, gen.conv_impl, gen.dtype, "conv1")
+  h = nn.leaky_relu(norm(gen.bn_eps, "bn1")(h), 0.2)
+  h = _upsample_conv(h, gen.width // 2, gen.conv_impl, gen.dtype, "conv2")
+  h = nn.leaky_relu(norm(gen.bn_eps, "bn2")(h), 0.2)
+  h = jnp.tanh(_image_conv(h, gen.channels, gen.conv_impl, gen.dtype))
+  out_bn = BatchNorm(
+    use_running_average=False,
+    use_scale=False,
+    use_bias=False,
+    track_running_stats=False,
+    name="bn_out",
+  )
+  return out_bn(h)
+
+
 class GeneratorCifar(nn.Module):
   """Label-conditional DCGAN-style generator for small images (CIFAR, digits).
 
@@ -136,17 +157,11 @@ class GeneratorCifar(nn.Module):
     )(labels)
     h = QDense(self.width * s0 * s0, name="l1")(emb * z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
-    bn = lambda eps, name, **kw: BatchNorm(
-      use_running_average=False, epsilon=eps, track_running_stats=False, name=name, **kw
-    )
-    h = bn(1e-5, "bn0")(h)
-    h = _upsample_conv(h, self.width, self.conv_impl, self.dtype, "conv1")
-    h = nn.leaky_relu(bn(self.bn_eps, "bn1")(h), 0.2)
-    h = _upsample_conv(h, self.width // 2, self.conv_impl, self.dtype, "conv2")
-    h = nn.leaky_relu(bn(self.bn_eps, "bn2")(h), 0.2)
-    h = _image_conv(h, self.channels, self.conv_impl, self.dtype)
-    h = jnp.tanh(h)
-    return bn(1e-5, "bn_out", use_scale=False, use_bias=False)(h)
+
+    def norm(eps, name):
+      return BatchNorm(use_running_average=False, epsilon=eps, track_running_stats=False, name=name)
+
+    return _decode(self, h, norm)
 
 
 class GeneratorImagenet(nn.Module):
@@ -173,17 +188,8 @@ class GeneratorImagenet(nn.Module):
     s0 = self.image_size // 4
     h = QDense(self.width * s0 * s0, name="l1")(z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
-    h = CondBatchNorm(self.num_classes, name="bn0")(h, labels)
-    h = _upsample_conv(h, self.width, self.conv_impl, self.dtype, "conv1")
-    h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn1")(h, labels), 0.2)
-    h = _upsample_conv(h, self.width // 2, self.conv_impl, self.dtype, "conv2")
-    h = nn.leaky_relu(CondBatchNorm(self.num_classes, self.bn_eps, name="bn2")(h, labels), 0.2)
-    h = _image_conv(h, self.channels, self.conv_impl, self.dtype)
-    h = jnp.tanh(h)
-    return BatchNorm(
-      use_running_average=False,
-      use_scale=False,
-      use_bias=False,
-      track_running_stats=False,
-      name="bn_out",
-    )(h)
+
+    def norm(eps, name):
+      return lambda x: CondBatchNorm(self.num_classes, eps, name=name)(x, labels)
+
+    return _decode(self, h, norm)
