@@ -165,6 +165,15 @@ def output_paths(workdir: str) -> list[tuple[str, str]]:
 
 def _parse_flags(argv):
   """absl's flag parsing, with a bad config file argument or override as one error line."""
+  for arg in argv[1:]:
+    key = arg.split("=", 1)[0].removeprefix("--config.").removeprefix("--noconfig.")
+    if arg.startswith(("--config.", "--noconfig.")) and key in config_base.RENAMED_KEYS:
+      print(
+        f"error: config key {key!r} is now {config_base.RENAMED_KEYS[key]!r}: pass "
+        f"--config.{config_base.RENAMED_KEYS[key]}=... instead.",
+        file=sys.stderr,
+      )
+      sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

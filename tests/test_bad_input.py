@@ -77,7 +77,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir
     ({"num_classes": 100}, "classes"),
     ({"image_size": 32}, "expects 32x32"),
     ({"dsg.sci": "sometimes"}, "dsg.sci"),
-    ({"generator.dtype": "float16"}, "generator.dtype"),
+    ({"compute_dtype": "float16"}, "compute_dtype"),
     ({"generator.conv_impl": "fft"}, "generator.conv_impl"),
     ({"cpu_conv_kernels": "onednn"}, "cpu_conv_kernels"),
   ],

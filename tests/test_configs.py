@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+from dfq_test_utils import load_config
 
+from dfq_jax import config_base
 from dfq_jax.quant import QuantPolicy
 from dfq_jax.quant.config import parse_rules, policy_from_config
 
@@ -102,6 +104,13 @@ def _cli(tmp_path, *args):
     (["--config=configs/cifar10_resnet20.py:eval"], "teacher.weights is empty"),
     (["--config=configs/demo.py", "--config.no_such_key=1"], "no_such_key"),
     (["--config=configs/demo.py", "--config.quant.range_mode=foo"], "range_mode"),
+    # Spellings of earlier versions name their replacement.
+    (["--config=configs/demo.py", "--config.quant.range_mode=parity"], "'bias_corrected'"),
+    (["--config=configs/demo.py:dsg", "--config.dsg.lse=sample"], "'modulo'"),
+    (["--config=configs/demo.py", "--config.generator.dtype=bfloat16"], "'compute_dtype'"),
+    # Parity is the ':parity' argument (it sets keys); the flag alone would set none.
+    (["--config=configs/demo.py:adadfq", "--config.parity=True"], "not with --config.parity"),
+    (["--config=configs/demo.py:dsg", "--config.dsg.lse=channel"], "dsg.sda_form"),
   ],
 )
 def test_cli_rejects_bad_input_before_work(tmp_path, args, message):
@@ -113,3 +122,18 @@ def test_cli_rejects_bad_input_before_work(tmp_path, args, message):
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   # Nothing was written: the workdir was not even created.
   assert not os.path.exists(tmp_path / "w" / "config.json")
+
+
+def test_parity_is_plain_keys_that_can_be_overridden():
+  c = load_config("cifar10_resnet20.py", "dsg,w4a4,parity")
+  assert c.parity and c.dsg.sda_form == "batch" and c.dsg.lse == "channel"
+  assert c.student_forward == "separate" and c.eval_every_steps == 0
+  for key, value in config_base.PARITY.items():
+    node = c
+    for part in key.split("."):
+      node = node[part]
+    assert node == value, key
+  # One quirk switched back: still a valid parity config.
+  c.dsg.sci = "differentiable"
+  config_base.check_config_keys(c)
+  assert not load_config("cifar10_resnet20.py", "dsg,w4a4").parity

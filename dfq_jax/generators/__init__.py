@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.numpy as jnp
-
 from dfq_jax.generators.gdfq import CONV_IMPLS, GeneratorCifar, GeneratorImagenet
+from dfq_jax.quant.layers import COMPUTE_DTYPES as DTYPES
 
 GENERATORS = {"cifar": GeneratorCifar, "imagenet": GeneratorImagenet}
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def get_generator(name: str, *, conv_impl: str = "subpixel", dtype: Any = None, **kwargs):
@@ -36,8 +34,6 @@ def check_generator_config(config) -> None:
   g = config.generator
   if g.name not in GENERATORS:
     raise ValueError(f"generator.name={g.name!r} is unknown: use one of {sorted(GENERATORS)}.")
-  if g.dtype not in DTYPES:
-    raise ValueError(f"generator.dtype={g.dtype!r} is unknown: use one of {list(DTYPES)}.")
   if g.conv_impl not in CONV_IMPLS:
     raise ValueError(
       f"generator.conv_impl={g.conv_impl!r} is unknown: use one of {list(CONV_IMPLS)}."
@@ -56,5 +52,5 @@ def generator_from_config(config):
     width=g.width,
     bn_eps=g.bn_eps,
     conv_impl=g.conv_impl,
-    dtype=g.dtype,
+    dtype=config.compute_dtype,
   )

@@ -155,7 +155,7 @@ class GeneratorCifar(nn.Module):
       embedding_init=nn.initializers.normal(1.0),
       name="label_emb",
     )(labels)
-    h = QDense(self.width * s0 * s0, name="l1")(emb * z)
+    h = QDense(self.width * s0 * s0, dtype=self.dtype, name="l1")(emb * z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
 
     def norm(eps, name):
@@ -186,7 +186,7 @@ class GeneratorImagenet(nn.Module):
       raise ValueError(f"generator image_size must be divisible by 4; got {self.image_size}.")
     _check_conv_impl(self.conv_impl)
     s0 = self.image_size // 4
-    h = QDense(self.width * s0 * s0, name="l1")(z)
+    h = QDense(self.width * s0 * s0, dtype=self.dtype, name="l1")(z)
     h = h.reshape(z.shape[0], s0, s0, self.width)
 
     def norm(eps, name):

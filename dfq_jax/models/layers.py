@@ -113,14 +113,20 @@ class BatchNorm(nn.Module):
     return y
 
 
-def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: bool):
+def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: bool, dtype=None):
   """Identity, or conv1x1/stride + BN where the shape changes (ResNet option B).
 
   Call inside a compact module: creates `shortcut_conv` and `shortcut_bn` there.
   """
   if stride == 1 and x.shape[-1] == features:
     return x
-  x = QConv(features, (1, 1), (stride, stride), padding="VALID", quant=quant, name="shortcut_conv")(
-    x
-  )
+  x = QConv(
+    features,
+    (1, 1),
+    (stride, stride),
+    padding="VALID",
+    quant=quant,
+    dtype=dtype,
+    name="shortcut_conv",
+  )(x)
   return BatchNorm(use_running_average=not train, name="shortcut_bn")(x)

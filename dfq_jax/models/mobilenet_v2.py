@@ -22,6 +22,8 @@ are not quantized, so the expansion convs see full-precision inputs (methods.md 
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,7 @@ class InvertedResidual(nn.Module):
   expansion: int = 6
   expand_conv: bool = True
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -64,7 +67,7 @@ class InvertedResidual(nn.Module):
     mid = in_features * self.expansion
     y = x
     if self.expand_conv:
-      y = QConv(mid, (1, 1), quant=self.quant, name="expand_conv")(y)
+      y = QConv(mid, (1, 1), quant=self.quant, dtype=self.dtype, name="expand_conv")(y)
       y = QuantAct(self.quant, name="expand_act")(nn.relu6(bn("expand_bn")(y)))
     elif self.expansion != 1:
       raise ValueError("an inverted residual without expansion conv needs expansion 1.")
@@ -74,10 +77,11 @@ class InvertedResidual(nn.Module):
       (self.stride, self.stride),
       feature_group_count=mid,
       quant=self.quant,
+      dtype=self.dtype,
       name="dw_conv",
     )(y)
     y = QuantAct(self.quant, name="dw_act")(nn.relu6(bn("dw_bn")(y)))
-    y = QConv(self.out_features, (1, 1), quant=self.quant, name="project_conv")(y)
+    y = QConv(self.out_features, (1, 1), quant=self.quant, dtype=self.dtype, name="project_conv")(y)
     y = bn("project_bn")(y)
     if self.stride == 1 and in_features == self.out_features:
       y = y + x
@@ -104,24 +108,40 @@ class MobileNetV2(nn.Module):
   expand_first_block: bool = True
   classifier_bias: bool = False
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns logits [B, num_classes]."""
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)
-    x = QConv(STEM_FEATURES, (3, 3), (2, 2), quant=self.quant, role="first", name="stem_conv")(x)
+    x = QConv(
+      STEM_FEATURES,
+      (3, 3),
+      (2, 2),
+      quant=self.quant,
+      dtype=self.dtype,
+      role="first",
+      name="stem_conv",
+    )(x)
     x = QuantAct(self.quant, name="stem_act")(nn.relu6(bn("stem_bn")(x)))
     for i, (t, c, s) in enumerate(block_specs()):
       x = InvertedResidual(
-        c, s, t, expand_conv=(t != 1 or self.expand_first_block), quant=self.quant, name=f"block{i}"
+        c,
+        s,
+        t,
+        expand_conv=(t != 1 or self.expand_first_block),
+        quant=self.quant,
+        dtype=self.dtype,
+        name=f"block{i}",
       )(x, train)
-    x = QConv(HEAD_FEATURES, (1, 1), quant=self.quant, name="head_conv")(x)
+    x = QConv(HEAD_FEATURES, (1, 1), quant=self.quant, dtype=self.dtype, name="head_conv")(x)
     x = QuantAct(self.quant, name="head_act")(nn.relu6(bn("head_bn")(x)))
     x = jnp.mean(x, axis=(1, 2))
     return QDense(
       self.num_classes,
       use_bias=self.classifier_bias,
       quant=self.quant,
+      dtype=self.dtype,
       role="last",
       name="classifier",
     )(x)

@@ -14,6 +14,8 @@ input image is never quantized. Inputs are NHWC, normalised images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,19 +31,20 @@ class BasicBlock(nn.Module):
   stride: int = 1
   shortcut: str = "A"
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)
     s = (self.stride, self.stride)
-    out = QConv(self.planes, (3, 3), s, quant=self.quant, name="conv1")(x)
+    out = QConv(self.planes, (3, 3), s, quant=self.quant, dtype=self.dtype, name="conv1")(x)
     out = nn.relu(bn("bn1")(out))
     out = QuantAct(self.quant, name="act1")(out)
-    out = QConv(self.planes, (3, 3), quant=self.quant, name="conv2")(out)
+    out = QConv(self.planes, (3, 3), quant=self.quant, dtype=self.dtype, name="conv2")(out)
     out = bn("bn2")(out)
     in_planes = x.shape[-1]
     if self.shortcut == "B":
-      x = projection_shortcut(x, self.planes, self.stride, self.quant, train)
+      x = projection_shortcut(x, self.planes, self.stride, self.quant, train, self.dtype)
     elif self.stride != 1 or in_planes != self.planes:
       pad = self.planes // 4
       x = x[:, ::2, ::2, :]
@@ -66,6 +69,7 @@ class ResNetCifar(nn.Module):
   shortcut: str = "A"
   width: int = 16
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -75,15 +79,17 @@ class ResNetCifar(nn.Module):
     if self.shortcut not in ("A", "B"):
       raise ValueError(f"shortcut must be 'A' or 'B'; got {self.shortcut!r}.")
     n = (self.depth - 2) // 6
-    x = QConv(self.width, (3, 3), quant=self.quant, role="first", name="conv1")(x)
+    x = QConv(self.width, (3, 3), quant=self.quant, dtype=self.dtype, role="first", name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
     x = QuantAct(self.quant, name="act1")(x)
     for stage in range(3):
       planes = self.width * 2**stage
       for block in range(n):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(planes, stride, self.shortcut, self.quant, name=f"layer{stage + 1}_{block}")(
-          x, train
-        )
+        x = BasicBlock(
+          planes, stride, self.shortcut, self.quant, self.dtype, name=f"layer{stage + 1}_{block}"
+        )(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, quant=self.quant, role="last", name="linear")(x)
+    return QDense(self.num_classes, quant=self.quant, dtype=self.dtype, role="last", name="linear")(
+      x
+    )

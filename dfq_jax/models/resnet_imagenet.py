@@ -21,6 +21,8 @@ image is never quantized. Inputs are NHWC, normalised images; any size >= 32 wor
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,19 +60,20 @@ class Bottleneck(nn.Module):
   stride: int = 1
   conv1_stride: bool = True
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)
     s = (self.stride, self.stride)
     s1, s2 = (s, (1, 1)) if self.conv1_stride else ((1, 1), s)
-    out = QConv(self.planes, (1, 1), s1, quant=self.quant, name="conv1")(x)
+    out = QConv(self.planes, (1, 1), s1, quant=self.quant, dtype=self.dtype, name="conv1")(x)
     out = QuantAct(self.quant, name="act1")(nn.relu(bn("bn1")(out)))
-    out = QConv(self.planes, (3, 3), s2, quant=self.quant, name="conv2")(out)
+    out = QConv(self.planes, (3, 3), s2, quant=self.quant, dtype=self.dtype, name="conv2")(out)
     out = QuantAct(self.quant, name="act2")(nn.relu(bn("bn2")(out)))
-    out = QConv(4 * self.planes, (1, 1), quant=self.quant, name="conv3")(out)
+    out = QConv(4 * self.planes, (1, 1), quant=self.quant, dtype=self.dtype, name="conv3")(out)
     out = bn("bn3")(out)
-    x = projection_shortcut(x, 4 * self.planes, self.stride, self.quant, train)
+    x = projection_shortcut(x, 4 * self.planes, self.stride, self.quant, train, self.dtype)
     return QuantAct(self.quant, name="act3")(nn.relu(out + x))
 
 
@@ -95,6 +98,7 @@ class ResNet(nn.Module):
   conv1_stride: bool = True
   width: int = 64
   quant: QuantPolicy | None = None
+  dtype: Any = None  # conv/dense compute dtype (None: float32); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -104,7 +108,9 @@ class ResNet(nn.Module):
         f"ImageNet ResNet depth must be one of {sorted(RESNET_SPECS)}; got {self.depth}."
       )
     kind, stage_sizes = RESNET_SPECS[self.depth]
-    x = QConv(self.width, (7, 7), (2, 2), quant=self.quant, role="first", name="conv1")(x)
+    x = QConv(
+      self.width, (7, 7), (2, 2), quant=self.quant, dtype=self.dtype, role="first", name="conv1"
+    )(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
     x = QuantAct(self.quant, name="act1")(x)
     x = max_pool_torch(x)
@@ -114,9 +120,11 @@ class ResNet(nn.Module):
         stride = 2 if stage > 0 and block == 0 else 1
         name = f"layer{stage + 1}_{block}"
         if kind == "basic":
-          block_module = BasicBlock(planes, stride, "B", self.quant, name=name)
+          block_module = BasicBlock(planes, stride, "B", self.quant, self.dtype, name=name)
         else:
-          block_module = Bottleneck(planes, stride, self.conv1_stride, self.quant, name=name)
+          block_module = Bottleneck(
+            planes, stride, self.conv1_stride, self.quant, self.dtype, name=name
+          )
         x = block_module(x, train)
     x = jnp.mean(x, axis=(1, 2))
-    return QDense(self.num_classes, quant=self.quant, role="last", name="fc")(x)
+    return QDense(self.num_classes, quant=self.quant, dtype=self.dtype, role="last", name="fc")(x)

@@ -13,10 +13,15 @@ import os
 from dfq_jax import parallel
 from dfq_jax.models import MODELS, convert, get_model
 from dfq_jax.models.demo_teacher import train_teacher
+from dfq_jax.quant.layers import COMPUTE_DTYPES
 
 
 def check_teacher_config(config) -> None:
   """Raises ValueError/FileNotFoundError for a config.teacher that cannot be loaded."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(
+      f"compute_dtype={config.compute_dtype!r} is unknown: use one of {list(COMPUTE_DTYPES)}."
+    )
   t = config.teacher
   if t.model not in MODELS:
     raise ValueError(f"teacher.model={t.model!r} is unknown: choose one of {sorted(MODELS)}.")
@@ -32,9 +37,18 @@ def check_teacher_config(config) -> None:
 
 
 def teacher_model(config, quant=None):
-  """The teacher's definition; with a QuantPolicy, the student (the same definition)."""
+  """The teacher's definition; with a QuantPolicy, the student (the same definition).
+
+  Convs and matmuls run in config.compute_dtype (float32 accumulation).
+  """
   kwargs = {"shortcut": config.teacher.shortcut} if config.teacher.model.endswith("_cifar") else {}
-  return get_model(config.teacher.model, num_classes=config.num_classes, quant=quant, **kwargs)
+  return get_model(
+    config.teacher.model,
+    num_classes=config.num_classes,
+    quant=quant,
+    dtype=COMPUTE_DTYPES[config.compute_dtype],
+    **kwargs,
+  )
 
 
 def load_teacher(config, workdir: str | None = None) -> dict:

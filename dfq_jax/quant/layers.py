@@ -26,6 +26,13 @@ import jax.numpy as jnp
 from dfq_jax.quant import numerics
 
 FULL_PRECISION = 32  # a bit-width meaning "leave this layer in full precision"
+# config.compute_dtype -> the dtype convs and matmuls run in (None: float32 as given).
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def _low_precision(dtype) -> bool:
+  """Whether `dtype` asks for a narrower compute type than float32 (then f32 accumulation)."""
+  return dtype is not None and jnp.dtype(dtype) != jnp.float32
 
 
 def _check_layer_bits(bits, what):
@@ -182,16 +189,17 @@ class QConv(nn.Module):
     padding = self.padding
     if padding is None:
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
-    dtype = self.dtype or x.dtype
+    x_dtype, low = x.dtype, _low_precision(self.dtype)
     y = jax.lax.conv_general_dilated(
-      x.astype(dtype),
-      kernel.astype(dtype),
+      x.astype(self.dtype) if low else x,
+      kernel.astype(self.dtype) if low else kernel,
       window_strides=tuple(self.strides),
       padding=padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
       feature_group_count=self.feature_group_count,
+      preferred_element_type=jnp.float32 if low else None,
     )
-    y = y.astype(x.dtype)
+    y = y.astype(x_dtype)
     if self.use_bias:
       fan_in = kh * kw * in_ch // self.feature_group_count
       y = y + self.param("bias", torch_bias_init(fan_in), (self.features,))
@@ -206,6 +214,7 @@ class QDense(nn.Module):
   quant: QuantPolicy | None = None
   role: str = ""
   kernel_init: Any = torch_kernel_init
+  dtype: Any = None  # matmul compute dtype (None: the input's); float32 accumulation
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,7 +223,12 @@ class QDense(nn.Module):
       bits = self.quant.weight_bits(_layer_path(self), self.role)
       if bits is not None:
         kernel = numerics.quantize_weight(kernel, bits)
-    y = x @ kernel
+    if _low_precision(self.dtype):
+      y = jnp.dot(
+        x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32
+      ).astype(x.dtype)
+    else:
+      y = x @ kernel
     if self.use_bias:
       y = y + self.param("bias", torch_bias_init(x.shape[-1]), (self.features,))
     return y
