@@ -12,6 +12,16 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+STUDENT_DIR = "student"  # where eval and PTQ runs keep their calibrated student
+
+
+def save_student(workdir: str, variables: dict) -> None:
+  """Keeps an eval / PTQ run's student ({'params', 'batch_stats', 'quant_stats'}) in
+  <workdir>/student, for export (collective: every process calls it)."""
+  ckpt = Checkpointer(workdir, keep=1, subdir=STUDENT_DIR)
+  ckpt.save(0, variables, wait=True)
+  ckpt.close()
+
 
 class Checkpointer:
   """Latest-N checkpoints of a state pytree in `<workdir>/checkpoints`."""

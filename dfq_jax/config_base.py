@@ -357,6 +357,24 @@ def check_config_keys(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def from_saved(values: dict) -> ml_collections.ConfigDict:
+  """A run's config from its config.json: the saved values over today's defaults (keys
+  added since keep their default; keys since removed or renamed are dropped)."""
+  config = base_config()
+
+  def merge(node, saved):
+    for key, value in saved.items():
+      if key not in node:
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+        merge(node[key], value)
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  merge(config, values)
+  return config
+
+
 def with_flags(config: ml_collections.ConfigDict, flags: list[str]) -> ml_collections.ConfigDict:
   """A copy of `config` with config-argument flags (method, bits, parity) applied."""
   c = copy.deepcopy(config)

@@ -20,6 +20,7 @@ import time
 import jax
 import ml_collections
 
+from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import config_base, generators, methods, networks, schedule, trainer, xla_options
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import step as step_lib
@@ -98,7 +99,14 @@ def _flatten(d, prefix=""):
 
 
 # What a run writes once it has started working; a workdir with none of them holds no run.
-RUN_OUTPUTS = ("checkpoints", "best_student", "metrics.jsonl", "results.json", "synthetic.npz")
+RUN_OUTPUTS = (
+  "checkpoints",
+  "best_student",
+  "student",
+  "metrics.jsonl",
+  "results.json",
+  "synthetic.npz",
+)
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bool) -> None:
@@ -237,6 +245,7 @@ def run(
   log(before.summary())
   results = _results_header(config, models, eval_set, before)
   if config.method == "eval":
+    checkpoint_lib.save_student(workdir, calib_vars)
     results.update(
       {
         "quant_top1": 100 * float(before.top1[1]),

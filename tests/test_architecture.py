@@ -6,7 +6,7 @@ Layers (a module imports only modules of its own layer or a lower one):
   2 components  models, generators, methods, calibration, PTQ synthesis, evaluation
   3 step        the jitted training iteration
   4 loops       the training loop, the PTQ pipeline
-  5 run         one run end to end
+  5 run         one run end to end; the export of a finished run
   6 entry       the CLI, the benchmarks, the PTQ grid
 """
 
@@ -46,6 +46,11 @@ LAYERS = {
   "dfq_jax.trainer": 4,
   "dfq_jax.ptq.pipeline": 4,
   "dfq_jax.run": 5,
+  "dfq_jax.export": 5,
+  "dfq_jax.export.qdq": 0,
+  "dfq_jax.export.runtime": 0,
+  "dfq_jax.export.onnx_resnet_cifar": 1,
+  "dfq_jax.export.__main__": 6,
   "dfq_jax.main": 6,
   "dfq_jax.bench": 6,
   "dfq_jax.ptq_grid": 6,

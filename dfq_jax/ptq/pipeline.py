@@ -19,6 +19,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import parallel, xla_options
 from dfq_jax.data import eval_set as eval_set_lib
@@ -112,6 +113,7 @@ def run_ptq(
   """Synthesis, calibration, evaluation and diagnostics; returns the PTQ part of results."""
   images, labels, info = synthesize(config, models, workdir, log=log)
   student_vars, calibration_s = calibrate(config, models, images)
+  checkpoint_lib.save_student(workdir, student_vars)
   top1 = evaluate_student(student_vars)
   log(
     f"{config.method} {models.student.quant.describe()}, calibration "

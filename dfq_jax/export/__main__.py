@@ -1,0 +1,132 @@
+r"""python -m dfq_jax.export --workdir DIR --out model.onnx [--which final|best] [--overwrite]
+    [--evaluate]
+
+Exports the student of the finished run in DIR (a training run: its last checkpoint, or
+--which best; an eval or PTQ run: its calibrated student) as QDQ ONNX with BatchNorm folded
+(dfq_jax/export/onnx_resnet_cifar.py). The model's metadata_props carry the input mean/std,
+the class count, the bits, the method and the dfq_jax version. Nothing in DIR is changed;
+an existing --out is refused unless --overwrite. With --evaluate, the exported model runs
+in ONNX Runtime on the run's real evaluation set beside dfq_jax's own evaluation of the same
+student, and one JSON line reports both top-1, their prediction agreement and the kernels
+ONNX Runtime's optimised graph runs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from dfq_jax import evaluate as evaluate_lib
+from dfq_jax import xla_options
+from dfq_jax.data import eval_set as eval_set_lib
+from dfq_jax.export import runtime
+from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar
+from dfq_jax.export.workdir import load_student
+from dfq_jax.models.resnet_cifar import ResNetCifar
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
+_OUT = flags.DEFINE_string("out", None, "The .onnx file to write.")
+_WHICH = flags.DEFINE_enum("which", "final", ["final", "best"], "Training runs: which student.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
+_EVALUATE = flags.DEFINE_bool(
+  "evaluate", False, "Compare ONNX Runtime with dfq_jax on the run's evaluation set."
+)
+
+
+class ExportError(ValueError):
+  """Bad input to the export (one `error:` line on the command line)."""
+
+
+def export(workdir: str, out: str, which: str = "final", overwrite: bool = False):
+  """Writes the ONNX file; returns (config, student module, variables, model bytes)."""
+  if os.path.exists(out) and not overwrite:
+    raise ExportError(f"{out!r} exists: pass --overwrite to replace it, or another --out.")
+  config, student, variables = load_student(workdir, which)
+  if not isinstance(student, ResNetCifar):
+    raise ExportError(
+      f"export supports the CIFAR ResNets so far; {config.teacher.model!r} is not one of them yet."
+    )
+  norm = eval_set_lib.normalization(config)
+  metadata = {
+    "mean": json.dumps(list(norm.mean)),
+    "std": json.dumps(list(norm.std)),
+    "input": "float32 NCHW, (rgb / 255 - mean) / std",
+    "num_classes": config.num_classes,
+    "bits": student.quant.describe(),
+    "method": config.method,
+    "which": which,
+    "dfq_jax_version": importlib.metadata.version("dfq_jax"),
+  }
+  model = export_resnet_cifar(student, variables, metadata)
+  data = model.SerializeToString()
+  tmp = f"{out}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, out)
+  return config, student, variables, data
+
+
+def compare_on_eval_set(config, student, variables, data: bytes) -> dict:
+  """ONNX Runtime vs dfq_jax top-1 of the same student on the run's eval set."""
+  norm = eval_set_lib.normalization(config)
+  ds = eval_set_lib.load_eval_set(config)
+  ours = evaluate_lib.evaluate(
+    [(student.apply, variables)],
+    ds.images,
+    ds.labels,
+    norm.mean,
+    norm.std,
+    config.data.eval_batch_size,
+    num_classes=config.num_classes,
+    names=["dfq_jax"],
+    compiler_options=xla_options.compiler_options(config.cpu_conv_kernels),
+  )
+  ort_logits = runtime.logits(
+    runtime.session(data), ds.images, norm.mean, norm.std, config.data.eval_batch_size
+  )
+  ort_pred = ort_logits.argmax(axis=1)
+  plain = runtime.logits(
+    runtime.session(data, optimize=False),
+    ds.images,
+    norm.mean,
+    norm.std,
+    config.data.eval_batch_size,
+  ).argmax(axis=1)
+  return {
+    "eval_images": len(ds),
+    "dfq_jax_top1": 100 * float(ours.top1[0]),
+    "onnxruntime_top1": 100 * float(np.mean(ort_pred == ds.labels)),
+    "prediction_agreement": 100 * float(np.mean(ort_pred == ours.predictions[0])),
+    "onnxruntime_unoptimized_top1": 100 * float(np.mean(plain == ds.labels)),
+    "unoptimized_prediction_agreement": 100 * float(np.mean(plain == ours.predictions[0])),
+    "onnxruntime_version": runtime.ort.__version__,
+    "onnxruntime_kernels": runtime.kernel_counts(data),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError("--workdir and --out are required.")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax's bookkeeping records off
+  try:
+    config, student, variables, data = export(
+      _WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value
+    )
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"Wrote {_OUT.value} ({len(data) / 1024:.0f} KiB, {student.quant.describe()}).")
+  if _EVALUATE.value:
+    print(json.dumps(compare_on_eval_set(config, student, variables, data)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,49 @@
+"""The student's quantizers as ONNX QuantizeLinear / DequantizeLinear parameters.
+
+dfq_jax's asymmetric fake quantization (methods.md §2.3) with range [lo, hi] and k bits is
+    s = (2^k - 1) / (hi - lo),  zp = round(s * lo) + 2^(k-1)
+    q = clip(round(s * x) - zp, -2^(k-1), 2^(k-1) - 1),  x̂ = (q + zp) / s
+(round(s x - zp) = round(s x) - zp since zp is an integer). That is ONNX's
+    y = saturate(round(x / Δ) + z),  x̂ = (y - z) * Δ   with Δ = 1/s, z = -zp,
+stored in a signed k-bit range inside an int8 container: an explicit Clip to the k-bit
+range precedes QuantizeLinear for k < 8 (int8 saturation is the clip for k = 8). The
+remaining difference to dfq_jax's own evaluation is x / Δ vs s * x in float32 (a rounding
+tie can fall the other way) and Δ rounded to float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def affine_params(lo, hi, bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """(Δ float32, z int) of the k-bit quantizer with range [lo, hi] (per tensor or channel)."""
+  lo, hi = np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+  n = np.float32(2.0**bits - 1.0)
+  scale = n / np.maximum(hi - lo, np.float32(1e-8))
+  zp = np.round(scale * lo) + np.float32(2.0 ** (bits - 1))
+  return (np.float32(1.0) / scale).astype(np.float32), (-zp).astype(np.int64)
+
+
+def check_zero_point(z: np.ndarray, what: str) -> np.ndarray:
+  """z as int8; raises ValueError naming `what` when a range cannot be stored so."""
+  if z.min() < INT8_MIN or z.max() > INT8_MAX:
+    raise ValueError(
+      f"{what}: its quantization range does not contain 0 (zero point {int(z.min())}.."
+      f"{int(z.max())} outside int8), so it cannot be stored as int8 QDQ."
+    )
+  return z.astype(np.int8)
+
+
+def quantized_weight(kernel: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-output-channel (last axis) integer weights y (int8, in the signed k-bit range),
+  Δ [C] and z [C] such that (y - z) * Δ is dfq_jax's fake-quantized kernel."""
+  axes = tuple(range(kernel.ndim - 1))
+  lo, hi = kernel.min(axis=axes), kernel.max(axis=axes)
+  delta, z = affine_params(lo, hi, bits)
+  scale = (np.float32(2.0**bits - 1.0) / np.maximum(hi - lo, np.float32(1e-8))).astype(np.float32)
+  half = 2.0 ** (bits - 1)
+  q = np.clip(np.round(scale * kernel + z.astype(np.float32)), -half, half - 1)  # as numerics
+  return q.astype(np.int8), delta, z

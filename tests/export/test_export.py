@@ -1,0 +1,141 @@
+"""QDQ ONNX export: the graph ONNX Runtime runs is the student dfq_jax evaluates."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")  # the `export` extra
+pytest.importorskip("onnxruntime")
+
+from dfq_test_utils import tiny_config  # noqa: E402
+
+from dfq_jax import run as run_lib  # noqa: E402
+from dfq_jax.export import qdq, runtime  # noqa: E402
+from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar  # noqa: E402
+from dfq_jax.export.workdir import load_student  # noqa: E402
+from dfq_jax.models import get_model  # noqa: E402
+from dfq_jax.quant import QuantPolicy, numerics  # noqa: E402
+from dfq_jax.quant.calibration import calibrated_student  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_integer_weights_dequantize_to_the_fake_quantized_kernel(bits):
+  w = np.asarray(jax.random.normal(jax.random.key(0), (3, 3, 16, 32)), np.float32)
+  q, delta, z = qdq.quantized_weight(w, bits)
+  half = 2 ** (bits - 1)
+  assert q.min() >= -half and q.max() <= half - 1
+  np.testing.assert_allclose(
+    (q.astype(np.float32) - z) * delta,
+    np.asarray(numerics.quantize_weight(jnp.asarray(w), bits)),
+    rtol=1e-6,
+    atol=1e-7,
+  )
+
+
+def _student(shortcut, bits, negative_gamma=True):
+  """A ResNet-8 student with non-trivial BN (some scales negative) and calibrated ranges."""
+  policy = QuantPolicy(w_bits=bits, a_bits=bits)
+  teacher = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut)
+  student = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut, quant=policy)
+  tv = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  keys = iter(jax.random.split(jax.random.key(3), 1000))
+
+  def perturb(path, a):
+    name = jax.tree_util.keystr(path)
+    if "bn" not in name:
+      return a
+    if "scale" in name and negative_gamma:
+      return a * jnp.where(jax.random.uniform(next(keys), a.shape) < 0.2, -1.0, 1.0)
+    return a + 0.3 * jax.random.uniform(next(keys), a.shape)
+
+  tv = {
+    "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
+    "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
+  }
+  x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
+  return student, jax.device_get(calibrated_student(student, tv, (16, 16, 3), [x])), x
+
+
+@pytest.mark.parametrize("shortcut", ["A", "B"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onnxruntime_logits_equal_dfq_jax(shortcut, bits):
+  student, variables, x = _student(shortcut, bits)
+  ours = np.asarray(student.apply(variables, x))
+  model = export_resnet_cifar(student, variables, {"bits": str(bits)})
+  nchw = np.transpose(np.asarray(x), (0, 3, 1, 2))
+  # As written (no ORT rewrites): the same arithmetic up to float32 rounding of the scales.
+  plain = runtime.session(model.SerializeToString(), optimize=False).run(None, {"input": nchw})[0]
+  # Nearly every logit to float32 rounding; a rounding tie of one activation (x / Δ vs s * x)
+  # moves a few by at most a quantization step.
+  scale = np.abs(ours).max()
+  assert np.mean(np.abs(plain - ours) < 1e-5 * scale) > 0.85
+  assert np.abs(plain - ours).max() < 1e-2 * scale
+  # ORT's optimised graph (folded weights, fused convs) rounds differently; predictions agree.
+  fast = runtime.session(model.SerializeToString()).run(None, {"input": nchw})[0]
+  assert np.mean(fast.argmax(1) == ours.argmax(1)) >= 0.95
+  assert np.abs(fast - ours).max() < 0.1 * np.abs(ours).max()  # a few rounding flips
+
+
+def test_range_without_zero_is_refused_with_the_layer_named():
+  with pytest.raises(ValueError, match="weights of conv1.*does not contain 0"):
+    qdq.check_zero_point(
+      qdq.affine_params(np.float32(1.0), np.float32(2.0), 8)[1][None], "weights of conv1"
+    )
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "dfq_jax.export", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+def _listing(workdir):
+  return sorted(
+    (os.path.relpath(os.path.join(d, f), workdir), os.path.getmtime(os.path.join(d, f)))
+    for d, _, files in os.walk(workdir)
+    for f in files
+  )
+
+
+def test_cli_exports_finished_runs_and_changes_nothing_there(tiny_teacher_dir, tmp_path):
+  train_dir, eval_dir = str(tmp_path / "train"), str(tmp_path / "eval")
+  run_lib.run(tiny_config(tiny_teacher_dir, "adadfq"), train_dir, log=lambda *a: None)
+  run_lib.run(tiny_config(tiny_teacher_dir, "eval"), eval_dir, log=lambda *a: None)
+  for workdir, which in ((train_dir, "final"), (train_dir, "best"), (eval_dir, "final")):
+    before = _listing(workdir)
+    out = tmp_path / f"{os.path.basename(workdir)}_{which}.onnx"
+    proc = _cli(f"--workdir={workdir}", f"--out={out}", f"--which={which}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _listing(workdir) == before
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["num_classes"] == "10" and meta["which"] == which and "mean" in meta
+    # The file holds the student that load_student reads: ORT as written equals dfq_jax.
+    _, student, variables = load_student(workdir, which)
+    x = np.asarray(jax.random.normal(jax.random.key(2), (8, 16, 16, 3)))
+    ours = np.asarray(student.apply(variables, x))
+    theirs = runtime.session(model.SerializeToString(), optimize=False).run(
+      None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+    )[0]
+    assert np.mean(np.abs(theirs - ours) < 1e-5 * np.abs(ours).max()) > 0.95
+  # Bad input: one error line, exit code 2, nothing written.
+  for args, message in (
+    ([f"--workdir={train_dir}", f"--out={tmp_path / 'train_final.onnx'}"], "--overwrite"),
+    ([f"--workdir={tmp_path / 'none'}", f"--out={tmp_path / 'x.onnx'}"], "holds no run"),
+    ([f"--workdir={eval_dir}", f"--out={tmp_path / 'y.onnx'}", "--which=best"], "one student"),
+  ):
+    proc = _cli(*args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "y.onnx").exists()
