@@ -12,6 +12,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from dfq_jax import parallel
+
 STUDENT_DIR = "student"  # where eval and PTQ runs keep their calibrated student
 
 
@@ -19,7 +21,8 @@ def save_student(workdir: str, variables: dict) -> None:
   """Keeps an eval / PTQ run's student ({'params', 'batch_stats', 'quant_stats'}) in
   <workdir>/student, for export (collective: every process calls it)."""
   ckpt = Checkpointer(workdir, keep=1, subdir=STUDENT_DIR)
-  ckpt.save(0, variables, wait=True)
+  # As numpy: a process-local array cannot be saved from a multi-process run.
+  ckpt.save(0, parallel.to_host(variables), wait=True)
   ckpt.close()
 
 
