@@ -359,7 +359,8 @@ def check_config_keys(config: ml_collections.ConfigDict) -> None:
 
 def from_saved(values: dict) -> ml_collections.ConfigDict:
   """A run's config from its config.json: the saved values over today's defaults (keys
-  added since keep their default; keys since removed or renamed are dropped)."""
+  added since keep their default, keys since removed are dropped, old value spellings and
+  an old-style `parity=True` are translated)."""
   config = base_config()
 
   def merge(node, saved):
@@ -372,6 +373,12 @@ def from_saved(values: dict) -> ml_collections.ConfigDict:
         node[key] = tuple(value) if isinstance(value, list) else value
 
   merge(config, values)
+  for key, renames in RENAMED_VALUES.items():  # spellings of earlier versions
+    if _get(config, key) in renames:
+      _set(config, key, renames[_get(config, key)])
+  old_parity = values.get("parity") and "sda_form" not in values.get("dsg", {})
+  if old_parity:  # saved before parity became plain keys: it meant all of them
+    apply_parity(config)  # (its cadence too: parity evaluated every epoch)
   return config
 
 

@@ -127,7 +127,9 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
   new = json.loads(config.to_json())
   if os.path.exists(path):
     with open(path) as f:
-      old = json.load(f)
+      # In today's schema, so a run saved by an earlier version resumes unless a value
+      # really differs.
+      old = json.loads(config_base.from_saved(json.load(f)).to_json())
     a, b = _flatten(old), _flatten(new)
     changed = sorted(
       k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS

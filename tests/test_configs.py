@@ -1,6 +1,7 @@
 """Every config file loads for every method and bit-width; bad configs stop before work."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -137,3 +138,21 @@ def test_parity_is_plain_keys_that_can_be_overridden():
   c.dsg.sci = "differentiable"
   config_base.check_config_keys(c)
   assert not load_config("cifar10_resnet20.py", "dsg,w4a4").parity
+
+
+def test_a_config_saved_by_an_earlier_version_reads_in_todays_schema(tmp_path):
+  """config.json of a run started before the renames: it resumes and exports."""
+  from dfq_jax import run as run_lib
+
+  now = load_config("cifar10_resnet20.py", "dsg,w4a4,parity")
+  old = json.loads(load_config("cifar10_resnet20.py", "dsg,w4a4").to_json())
+  old["parity"] = True  # the old meaning: every quirk, decided in the methods
+  old["quant"]["range_mode"] = "parity"
+  old["generator"]["dtype"] = "float32"
+  del old["dsg"]["sda_form"], old["compute_dtype"]
+  old["dsg"]["lse"] = "sample"
+  read = config_base.from_saved(old)
+  assert json.loads(read.to_json()) == json.loads(now.to_json())
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "checkpoints").mkdir()
+  run_lib.prepare_workdir(str(tmp_path), now, restart=False)  # no conflict
