@@ -27,12 +27,16 @@ from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export import runtime
 from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar
 from dfq_jax.export.workdir import load_student
+from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.models.resnet_cifar import ResNetCifar
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "The .onnx file to write.")
 _WHICH = flags.DEFINE_enum("which", "final", ["final", "best"], "Training runs: which student.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file.")
+_TEACHER = flags.DEFINE_bool(
+  "teacher", False, "Export the run's float teacher instead (the baseline for size and latency)."
+)
 _EVALUATE = flags.DEFINE_bool(
   "evaluate", False, "Compare ONNX Runtime with dfq_jax on the run's evaluation set."
 )
@@ -42,11 +46,18 @@ class ExportError(ValueError):
   """Bad input to the export (one `error:` line on the command line)."""
 
 
-def export(workdir: str, out: str, which: str = "final", overwrite: bool = False):
-  """Writes the ONNX file; returns (config, student module, variables, model bytes)."""
+def export(
+  workdir: str, out: str, which: str = "final", overwrite: bool = False, teacher: bool = False
+):
+  """Writes the ONNX file; returns (config, student module, variables, model bytes).
+
+  With `teacher`, the run's float teacher (read from config.teacher.weights) instead.
+  """
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"{out!r} exists: pass --overwrite to replace it, or another --out.")
   config, student, variables = load_student(workdir, which)
+  if teacher:
+    student, variables = teacher_lib.teacher_model(config), teacher_lib.load_teacher(config)
   if not isinstance(student, ResNetCifar):
     raise ExportError(
       f"export supports the CIFAR ResNets so far; {config.teacher.model!r} is not one of them yet."
@@ -57,9 +68,9 @@ def export(workdir: str, out: str, which: str = "final", overwrite: bool = False
     "std": json.dumps(list(norm.std)),
     "input": "float32 NCHW, (rgb / 255 - mean) / std",
     "num_classes": config.num_classes,
-    "bits": student.quant.describe(),
+    "bits": student.quant.describe() if student.quant else "float32 (teacher)",
     "method": config.method,
-    "which": which,
+    "which": "teacher" if teacher else which,
     "dfq_jax_version": importlib.metadata.version("dfq_jax"),
   }
   model = export_resnet_cifar(student, variables, metadata)
@@ -106,6 +117,10 @@ def compare_on_eval_set(config, student, variables, data: bytes) -> dict:
     "unoptimized_prediction_agreement": 100 * float(np.mean(plain == ours.predictions[0])),
     "onnxruntime_version": runtime.ort.__version__,
     "onnxruntime_kernels": runtime.kernel_counts(data),
+    "file_bytes": len(data),
+    "latency_batch100_s": runtime.latency(
+      runtime.session(data), (100, config.channels, config.image_size, config.image_size)
+    ),
   }
 
 
@@ -118,12 +133,13 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax's bookkeeping records off
   try:
     config, student, variables, data = export(
-      _WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value
+      _WORKDIR.value, _OUT.value, _WHICH.value, _OVERWRITE.value, _TEACHER.value
     )
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  print(f"Wrote {_OUT.value} ({len(data) / 1024:.0f} KiB, {student.quant.describe()}).")
+  what = student.quant.describe() if student.quant else "float teacher"
+  print(f"Wrote {_OUT.value} ({len(data) / 1024:.0f} KiB, {what}).")
   if _EVALUATE.value:
     print(json.dumps(compare_on_eval_set(config, student, variables, data)))
 

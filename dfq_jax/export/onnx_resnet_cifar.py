@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dfq_jax.export import qdq
-from dfq_jax.quant.layers import QuantPolicy
+from dfq_jax.quant.layers import FULL_PRECISION, QuantPolicy
 
 OPSET = 21
 BN_EPS = 1e-5
@@ -52,7 +52,8 @@ def _node(tree, path):
 class _Exporter:
   def __init__(self, variables: dict, policy: QuantPolicy, shortcut: str):
     self.params, self.stats = variables["params"], variables["batch_stats"]
-    self.ranges, self.policy, self.shortcut = variables["quant_stats"], policy, shortcut
+    self.ranges, self.policy = variables.get("quant_stats", {}), policy
+    self.shortcut = shortcut
     self.g = _Graph()
 
   def weight(self, path: str, kernel: np.ndarray, gamma: np.ndarray, role: str) -> str:
@@ -163,10 +164,10 @@ class _Exporter:
 
 
 def export_resnet_cifar(model, variables: dict, metadata: dict[str, str]) -> onnx.ModelProto:
-  """The ONNX model of a `ResNetCifar` student (`model.quant` its QuantPolicy)."""
-  policy = model.quant
-  if policy is None:
-    raise ValueError("export needs the quantized student (a model with a QuantPolicy).")
+  """The ONNX model of a `ResNetCifar` student (`model.quant` its QuantPolicy), or of the
+  float teacher (`model.quant` None)."""
+  # The float teacher (quant=None): every layer full precision, no QDQ nodes.
+  policy = model.quant or QuantPolicy(w_bits=FULL_PRECISION, a_bits=FULL_PRECISION)
   graph = _Exporter(variables, policy, model.shortcut).build(
     model.depth, model.width, model.num_classes
   )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 
 import numpy as np
 import onnx
@@ -31,6 +32,20 @@ def logits(
     x = normalize(images_uint8[start : start + batch_size], mean, std)
     out.append(sess.run(None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))})[0])
   return np.concatenate(out)
+
+
+def latency(sess: ort.InferenceSession, shape, repeats: int = 20) -> float:
+  """Median seconds of one call on a random float32 NCHW batch of `shape` (after 3 warm-up
+  calls)."""
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  for _ in range(3):
+    sess.run(None, {"input": x})
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    sess.run(None, {"input": x})
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
 
 
 def kernel_counts(model_bytes: bytes) -> dict[str, int]:

@@ -19,6 +19,7 @@ from dfq_jax.export import qdq, runtime  # noqa: E402
 from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
 from dfq_jax.models import get_model  # noqa: E402
+from dfq_jax.models import teacher as teacher_lib  # noqa: E402
 from dfq_jax.quant import QuantPolicy, numerics  # noqa: E402
 from dfq_jax.quant.calibration import calibrated_student  # noqa: E402
 
@@ -129,6 +130,19 @@ def test_cli_exports_finished_runs_and_changes_nothing_there(tiny_teacher_dir, t
       None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
     )[0]
     assert np.mean(np.abs(theirs - ours) < 1e-5 * np.abs(ours).max()) > 0.95
+  # The float teacher, the baseline: no QDQ node, ORT equals the teacher's logits.
+  out = tmp_path / "teacher.onnx"
+  assert _cli(f"--workdir={eval_dir}", f"--out={out}", "--teacher").returncode == 0
+  model = onnx.load(str(out))
+  assert not {n.op_type for n in model.graph.node} & {"QuantizeLinear", "DequantizeLinear"}
+  config = tiny_config(tiny_teacher_dir, "eval")
+  teacher = teacher_lib.teacher_model(config)
+  x = np.asarray(jax.random.normal(jax.random.key(4), (8, 16, 16, 3)))
+  ours = np.asarray(teacher.apply(teacher_lib.load_teacher(config), x))
+  theirs = runtime.session(model.SerializeToString()).run(
+    None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+  )[0]
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
   # Bad input: one error line, exit code 2, nothing written.
   for args, message in (
     ([f"--workdir={train_dir}", f"--out={tmp_path / 'train_final.onnx'}"], "--overwrite"),
