@@ -123,6 +123,8 @@ def _add_quantization(c: ml_collections.ConfigDict) -> None:
   c.quant.first_bits = 0  # 0 = same as w_bits (GDFQ family); 8 = BRECQ style
   c.quant.last_bits = 0
   c.quant.rules = ""  # "regex=wXaY;regex2=w8" per-layer overrides (32 = FP)
+  c.quant.weight_mode = "asymmetric"  # asymmetric (per-channel min/max, the papers') |
+  # symmetric (zero point 0: int8 engines)
   c.quant.range_mode = "bias_corrected"  # bias_corrected (the GDFQ-family EMA) | ema |
   # minmax
 

@@ -64,7 +64,7 @@ class _Exporter:
     bits = self.policy.weight_bits(path, role)
     if bits is None:
       return self.g.const(f"{path}/w", to_onnx(kernel * gamma).astype(np.float32))
-    q, delta, z = qdq.quantized_weight(kernel, bits)
+    q, delta, z = qdq.quantized_weight(kernel, bits, self.policy.weight_mode)
     z = qdq.check_zero_point(z, f"weights of {path}")
     g = self.g
     return g.op(

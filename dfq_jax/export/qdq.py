@@ -37,11 +37,24 @@ def check_zero_point(z: np.ndarray, what: str) -> np.ndarray:
   return z.astype(np.int8)
 
 
-def quantized_weight(kernel: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantized_weight(
+  kernel: np.ndarray, bits: int, mode: str = "asymmetric"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per-output-channel (last axis) integer weights y (int8, in the signed k-bit range),
-  Δ [C] and z [C] such that (y - z) * Δ is dfq_jax's fake-quantized kernel."""
+  Δ [C] and z [C] such that (y - z) * Δ is dfq_jax's fake-quantized kernel
+  (`numerics.quantize_weight` with the same `mode`; 'symmetric' gives z = 0)."""
   axes = tuple(range(kernel.ndim - 1))
   lo, hi = kernel.min(axis=axes), kernel.max(axis=axes)
+  if mode == "symmetric":  # as numerics._symmetric_ste: zero point 0, levels -Q..Q
+    q_max = np.float32(2.0 ** (bits - 1) - 1.0)
+    scale = q_max / np.maximum(np.maximum(np.abs(lo), np.abs(hi)), np.float32(1e-8))
+    scale = scale.astype(np.float32)
+    q = np.clip(np.round(scale * kernel), -q_max, q_max)
+    return (
+      q.astype(np.int8),
+      (np.float32(1.0) / scale).astype(np.float32),
+      np.zeros(kernel.shape[-1], np.int64),
+    )
   delta, z = affine_params(lo, hi, bits)
   scale = (np.float32(2.0**bits - 1.0) / np.maximum(hi - lo, np.float32(1e-8))).astype(np.float32)
   half = 2.0 ** (bits - 1)

@@ -49,6 +49,7 @@ def policy_from_config(config) -> QuantPolicy:
     last_bits=q.last_bits or None,
     rules=parse_rules(q.rules),
     range_mode=q.range_mode,
+    weight_mode=q.weight_mode,
     axis_name="data" if config.stats_scope == "per_device" else None,
   )
 

@@ -69,6 +69,7 @@ class QuantPolicy:
   last_bits: int | None = None
   rules: tuple[tuple[str, int | None, int | None], ...] = ()
   range_mode: str = "bias_corrected"
+  weight_mode: str = "asymmetric"
   range_decay: float = 0.9
   axis_name: str | None = None
   observer: str = "minmax"
@@ -88,6 +89,10 @@ class QuantPolicy:
         raise ValueError(f"quant rule regex {rule[0]!r} does not compile: {e}") from e
       _check_layer_bits(rule[1], f"w_bits of rule {rule[0]!r}")
       _check_layer_bits(rule[2], f"a_bits of rule {rule[0]!r}")
+    if self.weight_mode not in numerics.WEIGHT_MODES:
+      raise ValueError(
+        f"weight_mode={self.weight_mode!r} is unknown: use one of {numerics.WEIGHT_MODES}."
+      )
     if self.range_mode not in numerics.RANGE_MODES:
       raise ValueError(
         f"range_mode={self.range_mode!r} is unknown: use one of {numerics.RANGE_MODES}."
@@ -132,6 +137,8 @@ class QuantPolicy:
       parts.append(f"last W{self.last_bits}")
     parts += [f"rule {r[0]}: W{r[1]} A{r[2]}" for r in self.rules]
     parts.append(f"ranges {self.range_mode}")
+    if self.weight_mode != "asymmetric":
+      parts.append(f"{self.weight_mode} weights")
     return ", ".join(parts)
 
 
@@ -185,7 +192,7 @@ class QConv(nn.Module):
     if self.quant is not None:
       bits = self.quant.weight_bits(_layer_path(self), self.role)
       if bits is not None:
-        kernel = numerics.quantize_weight(kernel, bits)
+        kernel = numerics.quantize_weight(kernel, bits, self.quant.weight_mode)
     padding = self.padding
     if padding is None:
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
@@ -222,7 +229,7 @@ class QDense(nn.Module):
     if self.quant is not None:
       bits = self.quant.weight_bits(_layer_path(self), self.role)
       if bits is not None:
-        kernel = numerics.quantize_weight(kernel, bits)
+        kernel = numerics.quantize_weight(kernel, bits, self.quant.weight_mode)
     if _low_precision(self.dtype):
       y = jnp.dot(
         x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32

@@ -96,10 +96,37 @@ def weight_range(w: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.min(w, axis=axes), jnp.max(w, axis=axes)
 
 
-def quantize_weight(w: jax.Array, bits: int) -> jax.Array:
-  """Per-output-channel min/max fake quantization of a kernel with STE (§2.3)."""
+WEIGHT_MODES = ("asymmetric", "symmetric")
+
+
+def quantize_weight(w: jax.Array, bits: int, mode: str = "asymmetric") -> jax.Array:
+  """Per-output-channel fake quantization of a kernel with STE (§2.3).
+
+  mode='asymmetric' (the papers'): the channel's [min, max], 2^k levels. 'symmetric' (for
+  integer engines, zero point exactly 0): q = clip(round(s w), -Q, Q), ŵ = q / s with
+  Q = 2^(k-1) - 1 and s = Q / max |w| (2^k - 1 levels, as int8 kernels such as
+  QLinearConv expect).
+  """
   lo, hi = weight_range(w)
+  if mode == "symmetric":
+    return _symmetric_ste(w, bits, jnp.maximum(jnp.abs(lo), jnp.abs(hi)))
+  if mode != "asymmetric":
+    raise ValueError(f"weight mode {mode!r} is unknown: use one of {WEIGHT_MODES}.")
   return fake_quant_ste(w, bits, lo, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _symmetric_ste(w: jax.Array, bits: int, m: jax.Array) -> jax.Array:
+  """Symmetric per-channel fake quantization (zero point 0), straight-through backward."""
+  q_max = 2.0 ** (bits - 1) - 1.0
+  scale = q_max / jnp.maximum(m, 1e-8)
+  return (jnp.clip(jnp.round(scale * w), -q_max, q_max) / scale).astype(w.dtype)
+
+
+_symmetric_ste.defvjp(
+  lambda w, bits, m: (_symmetric_ste(w, bits, m), m),
+  lambda bits, m, g: (g, jnp.zeros_like(m)),
+)
 
 
 def update_range(

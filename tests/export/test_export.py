@@ -26,23 +26,26 @@ from dfq_jax.quant.calibration import calibrated_student  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.parametrize("mode", ["asymmetric", "symmetric"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_integer_weights_dequantize_to_the_fake_quantized_kernel(bits):
+def test_integer_weights_dequantize_to_the_fake_quantized_kernel(bits, mode):
   w = np.asarray(jax.random.normal(jax.random.key(0), (3, 3, 16, 32)), np.float32)
-  q, delta, z = qdq.quantized_weight(w, bits)
+  q, delta, z = qdq.quantized_weight(w, bits, mode)
+  if mode == "symmetric":
+    assert not z.any()  # what int8 engines need
   half = 2 ** (bits - 1)
   assert q.min() >= -half and q.max() <= half - 1
   np.testing.assert_allclose(
     (q.astype(np.float32) - z) * delta,
-    np.asarray(numerics.quantize_weight(jnp.asarray(w), bits)),
+    np.asarray(numerics.quantize_weight(jnp.asarray(w), bits, mode)),
     rtol=1e-6,
     atol=1e-7,
   )
 
 
-def _student(shortcut, bits, negative_gamma=True):
+def _student(shortcut, bits, negative_gamma=True, weight_mode="asymmetric"):
   """A ResNet-8 student with non-trivial BN (some scales negative) and calibrated ranges."""
-  policy = QuantPolicy(w_bits=bits, a_bits=bits)
+  policy = QuantPolicy(w_bits=bits, a_bits=bits, weight_mode=weight_mode)
   teacher = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut)
   student = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut, quant=policy)
   tv = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
@@ -64,10 +67,18 @@ def _student(shortcut, bits, negative_gamma=True):
   return student, jax.device_get(calibrated_student(student, tv, (16, 16, 3), [x])), x
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
-@pytest.mark.parametrize("bits", [4, 8])
-def test_onnxruntime_logits_equal_dfq_jax(shortcut, bits):
-  student, variables, x = _student(shortcut, bits)
+@pytest.mark.parametrize(
+  "shortcut, bits, weight_mode",
+  [
+    ("A", 4, "asymmetric"),
+    ("A", 8, "asymmetric"),
+    ("B", 4, "asymmetric"),
+    ("B", 8, "asymmetric"),
+    ("A", 8, "symmetric"),
+  ],
+)
+def test_onnxruntime_logits_equal_dfq_jax(shortcut, bits, weight_mode):
+  student, variables, x = _student(shortcut, bits, weight_mode=weight_mode)
   ours = np.asarray(student.apply(variables, x))
   model = export_resnet_cifar(student, variables, {"bits": str(bits)})
   nchw = np.transpose(np.asarray(x), (0, 3, 1, 2))

@@ -104,3 +104,20 @@ def test_plain_ema_and_minmax():
 def test_check_bits_rejects(bits):
   with pytest.raises(ValueError, match="not supported"):
     numerics.check_bits(bits)
+
+
+def test_symmetric_weights_have_zero_point_0_and_2k_minus_1_levels():
+  w = jax.random.normal(jax.random.key(0), (3, 3, 8, 16))
+  for bits in (3, 4, 8):
+    wq = numerics.quantize_weight(w, bits, "symmetric")
+    m = jnp.max(jnp.abs(w), axis=(0, 1, 2))
+    step = m / (2 ** (bits - 1) - 1)
+    levels = wq / step  # integers: zero point 0
+    np.testing.assert_allclose(levels, jnp.round(levels), atol=1e-3)
+    assert float(jnp.max(jnp.abs(wq - w) / step)) <= 0.5 + 1e-4
+    assert float(jnp.max(jnp.abs(levels))) <= 2 ** (bits - 1) - 1 + 1e-3
+    # The straight-through gradient.
+    g = jax.grad(lambda v, b=bits: jnp.sum(numerics.quantize_weight(v, b, "symmetric") * w))(w)
+    np.testing.assert_allclose(g, w)
+  with pytest.raises(ValueError, match="weight mode"):
+    numerics.quantize_weight(w, 4, "log")
