@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from dfq_test_utils import tiny_config
 
-from dfq_jax import networks, trainer
-from dfq_jax import step as step_lib
+from dfq_jax import config_base, networks, trainer
 from dfq_jax.models import get_model
 from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.quant import QuantPolicy
@@ -71,9 +70,17 @@ def test_bf16_training_step_runs_and_tracks_float32(tiny_teacher_dir):
     ), key
 
 
-def test_float32_default_is_the_plain_computation():
-  """compute_dtype=float32 leaves the layers with dtype None: no casts, no precision change."""
-  config = tiny_config("unused", "gdfq")
-  assert config.compute_dtype == "float32"
-  assert teacher_lib.teacher_model(config).dtype is None
-  assert step_lib  # the step reads models built this way
+def test_float32_default_leaves_the_layers_uncast():
+  """compute_dtype=float32 gives dtype None: no casts, the computation of before."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  layer = QConv(8, (3, 3))
+  params = layer.init(jax.random.key(1), x)
+  plain = jax.lax.conv_general_dilated(
+    x,
+    params["params"]["kernel"],
+    (1, 1),
+    ((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+  np.testing.assert_array_equal(layer.apply(params, x), plain)
+  assert teacher_lib.teacher_model(config_base.base_config()).dtype is None

@@ -26,7 +26,7 @@ from dfq_jax import xla_options
 from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export import runtime
 from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar
-from dfq_jax.export.workdir import load_student
+from dfq_jax.export.workdir import load_student, read_config
 from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.models.resnet_cifar import ResNetCifar
 
@@ -55,9 +55,11 @@ def export(
   """
   if os.path.exists(out) and not overwrite:
     raise ExportError(f"{out!r} exists: pass --overwrite to replace it, or another --out.")
-  config, student, variables = load_student(workdir, which)
-  if teacher:
+  if teacher:  # the student is not read: the teacher needs only the run's config
+    config = read_config(workdir)
     student, variables = teacher_lib.teacher_model(config), teacher_lib.load_teacher(config)
+  else:
+    config, student, variables = load_student(workdir, which)
   if not isinstance(student, ResNetCifar):
     raise ExportError(
       f"export supports the CIFAR ResNets so far; {config.teacher.model!r} is not one of them yet."

@@ -16,9 +16,6 @@ from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import config_base, networks
 from dfq_jax import step as step_lib
 from dfq_jax.models import convert
-from dfq_jax.models import teacher as teacher_lib
-
-STUDENT_DIR = checkpoint_lib.STUDENT_DIR
 
 
 def read_config(workdir: str):
@@ -37,9 +34,8 @@ def read_config(workdir: str):
     return config_base.from_saved(json.load(f))
 
 
-def _abstract_student(config, models) -> dict:
+def _abstract_student(config, models, teacher) -> dict:
   shape = (1, config.image_size, config.image_size, config.channels)
-  teacher = convert.abstract_variables(models.teacher, shape)
   quant = jax.eval_shape(lambda: models.student.init(jax.random.key(0), jnp.zeros(shape)))
   return {
     "params": teacher["params"],
@@ -70,9 +66,12 @@ def load_student(workdir: str, which: str = "final"):
     raise ValueError(f"which={which!r}: use final or best.")
   config = read_config(workdir)
   models = networks.build_models(config, teacher_vars={})
-  abstract = _abstract_student(config, models)
+  teacher_shape = convert.abstract_variables(
+    models.teacher, (1, config.image_size, config.image_size, config.channels)
+  )
+  abstract = _abstract_student(config, models, teacher_shape)
   if config.method in ("eval", *config_base.PTQ_METHODS):
-    directory = os.path.join(workdir, STUDENT_DIR)
+    directory = os.path.join(workdir, checkpoint_lib.STUDENT_DIR)
     if not os.path.isdir(directory):
       raise FileNotFoundError(
         f"the {config.method} run in {workdir!r} kept no student (it "
@@ -90,12 +89,9 @@ def load_student(workdir: str, which: str = "final"):
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):
       raise FileNotFoundError(f"{workdir!r} has no checkpoints/.")
-    teacher_shape = convert.abstract_variables(
-      teacher_lib.teacher_model(config), (1, config.image_size, config.image_size, config.channels)
-    )
     state = jax.eval_shape(
       lambda tv: step_lib.init_state(config, networks.build_models(config, tv), jax.random.key(0)),
       teacher_shape,
     )
     variables = step_lib.student_variables(_restore(directory, state)["student"])
-  return config, models.student, jax.tree.map(lambda a: jax.device_get(a), variables)
+  return config, models.student, jax.device_get(variables)

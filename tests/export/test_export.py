@@ -1,5 +1,6 @@
 """QDQ ONNX export: the graph ONNX Runtime runs is the student dfq_jax evaluates."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ pytest.importorskip("onnxruntime")
 
 from dfq_test_utils import tiny_config  # noqa: E402
 
+from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
+from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
 from dfq_jax.export import qdq, runtime  # noqa: E402
 from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
@@ -125,6 +128,19 @@ def test_cli_exports_finished_runs_and_changes_nothing_there(tiny_teacher_dir, t
   run_lib.run(tiny_config(tiny_teacher_dir, "adadfq"), train_dir, log=lambda *a: None)
   run_lib.run(tiny_config(tiny_teacher_dir, "eval"), eval_dir, log=lambda *a: None)
   for workdir, which in ((train_dir, "final"), (train_dir, "best"), (eval_dir, "final")):
+    # What is exported is what the run evaluated: the stored student's top-1 is the one in
+    # results.json.
+    config, student, variables = load_student(workdir, which)
+    ds = eval_set_lib.load_eval_set(config)
+    norm = eval_set_lib.normalization(config)
+    top1 = 100 * float(
+      evaluate_lib.evaluate(
+        [(student.apply, variables)], ds.images, ds.labels, norm.mean, norm.std, 64
+      ).top1[0]
+    )
+    results = json.loads(open(os.path.join(workdir, "results.json")).read())
+    key = {"final": "final_top1", "best": "best_top1"}[which]
+    assert top1 == pytest.approx(results[key if key in results else "quant_top1"], abs=1e-3)
     before = _listing(workdir)
     out = tmp_path / f"{os.path.basename(workdir)}_{which}.onnx"
     proc = _cli(f"--workdir={workdir}", f"--out={out}", f"--which={which}")
@@ -133,8 +149,7 @@ def test_cli_exports_finished_runs_and_changes_nothing_there(tiny_teacher_dir, t
     model = onnx.load(str(out))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["num_classes"] == "10" and meta["which"] == which and "mean" in meta
-    # The file holds the student that load_student reads: ORT as written equals dfq_jax.
-    _, student, variables = load_student(workdir, which)
+    # The file holds that student: ORT as written equals dfq_jax.
     x = np.asarray(jax.random.normal(jax.random.key(2), (8, 16, 16, 3)))
     ours = np.asarray(student.apply(variables, x))
     theirs = runtime.session(model.SerializeToString(), optimize=False).run(
