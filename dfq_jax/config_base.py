@@ -128,6 +128,22 @@ def _add_quantization(c: ml_collections.ConfigDict) -> None:
   c.quant.range_mode = "bias_corrected"  # bias_corrected (the GDFQ-family EMA) | ema |
   # minmax
 
+  # Data-free mixed precision (quant/mixed.py): per-layer bit-widths chosen by a
+  # sensitivity on synthetic images, then used as quant.rules by every method.
+  c.quant.mixed = ml_collections.ConfigDict()
+  c.quant.mixed.budget_w_bits = 0.0  # average weight bits over all kernel elements (0 =
+  # uniform w_bits); quant.rules/first_bits/last_bits pin layers
+  c.quant.mixed.budget_a_bits = 0.0  # average activation bits over activation elements
+  # (0 = uniform a_bits)
+  c.quant.mixed.w_candidates = "2,3,4,5,6,8"  # weight bit-widths a layer may get
+  c.quant.mixed.a_candidates = "2,3,4,5,6,8"  # activation bit-widths a QuantAct may get
+  c.quant.mixed.source = "dsg"  # images of the sensitivity: dsg | zeroq (synthesised with
+  # that PTQ preset and ptq.steps) | noise | real (calib.split: a reference, not data-free)
+  c.quant.mixed.images = 64  # how many
+  c.quant.mixed.samples_path = ""  # a synthetic.npz (e.g. of a PTQ run) instead of source
+  c.quant.mixed.sensitivity_path = ""  # another run's mixed_precision.json: reuse its
+  # sensitivities (the same teacher), e.g. to try other budgets
+
   # Activation-range calibration of the no-training floor (method eval, and
   # quant_top1_before of the training methods).
   c.calib = ml_collections.ConfigDict()

@@ -32,6 +32,7 @@ from dfq_jax.ptq import pipeline as ptq_pipeline
 from dfq_jax.ptq import synthesis
 from dfq_jax.quant import calibration
 from dfq_jax.quant import config as quant_config
+from dfq_jax.quant import mixed as mixed_lib
 
 # Keys that may change between a run and its resumption without changing the result.
 _RESUMABLE_KEYS = (
@@ -58,6 +59,7 @@ def validate_config(config) -> None:
   config_base.check_config_keys(config)
   quant_config.policy_from_config(config)
   quant_config.check_calibration_config(config)
+  mixed_lib.check_mixed_config(config)
   teacher_lib.check_teacher_config(config)
   eval_set_lib.check_data_config(config)
   generators.check_generator_config(config)
@@ -203,6 +205,15 @@ def _results_header(config, models, eval_set, before) -> dict:
   }
 
 
+def _mixed_precision(config, workdir, planned, teacher_vars, norm, log):
+  """(config, report): with a mixed-precision budget, the allocation as the config's
+  quant.rules and its report; else (config, None)."""
+  if planned is None:
+    return config, None
+  image_shape = (config.image_size, config.image_size, config.channels)
+  return mixed_lib.resolve(config, workdir, planned, teacher_vars, image_shape, norm, log=log)
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False, log=print
 ) -> dict:
@@ -215,7 +226,10 @@ def run(
     eval_set = eval_set_lib.load_eval_set(config)
     log(f"Eval data: {eval_set.name}, {len(eval_set)} images.")
     teacher_vars = teacher_lib.load_teacher(config, workdir)
-    models = networks.build_models(config, teacher_vars)
+    image_shape = (config.image_size, config.image_size, config.channels)
+    planned = mixed_lib.plan(config, image_shape) if mixed_lib.enabled(config) else None
+  config, mixed = _mixed_precision(config, workdir, planned, teacher_vars, norm, log)
+  models = networks.build_models(config, teacher_vars)
   batch = config.data.eval_batch_size
   eval_options = xla_options.compiler_options(config.cpu_conv_kernels)
 
@@ -246,6 +260,9 @@ def run(
   )
   log(before.summary())
   results = _results_header(config, models, eval_set, before)
+  if mixed is not None:
+    results["mixed_precision"] = mixed_lib.summary(mixed)
+    results["bits"] = f"W{mixed['avg_w_bits']:.2f}A{mixed['avg_a_bits']:.2f} (mixed)"
   if config.method == "eval":
     checkpoint_lib.save_student(workdir, calib_vars)
     results.update(

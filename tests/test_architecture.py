@@ -39,6 +39,7 @@ LAYERS = {
   "dfq_jax.generators": 2,
   "dfq_jax.methods": 2,
   "dfq_jax.quant.calibration": 2,
+  "dfq_jax.quant.mixed": 2,
   "dfq_jax.ptq": 2,
   "dfq_jax.evaluate": 2,
   "dfq_jax.networks": 2,

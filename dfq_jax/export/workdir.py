@@ -16,6 +16,7 @@ from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import config_base, networks
 from dfq_jax import step as step_lib
 from dfq_jax.models import convert
+from dfq_jax.quant import mixed as mixed_lib
 
 
 def read_config(workdir: str):
@@ -31,7 +32,8 @@ def read_config(workdir: str):
       "with the same command first."
     )
   with open(path) as f:
-    return config_base.from_saved(json.load(f))
+    config = config_base.from_saved(json.load(f))
+  return mixed_lib.resolved_config(config, workdir)  # a mixed run's per-layer bits
 
 
 def _abstract_student(config, models, teacher) -> dict:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from dfq_jax.quant import numerics
 
 FULL_PRECISION = 32  # a bit-width meaning "leave this layer in full precision"
+PROBE_BITS = "probe_bits"  # collection of the per-layer bit-widths of a probe policy
 # config.compute_dtype -> the dtype convs and matmuls run in (None: float32 as given).
 COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
@@ -61,6 +62,11 @@ class QuantPolicy:
       ('minmax' in training; 'sample_mean', 'percentile' or 'mse' for PTQ calibration,
       see `numerics.observe_range`).
     percentile: the upper percentile of observer='percentile'.
+    probe: read every quantizer's bit-width from the `probe_bits` collection (a float32
+      scalar per layer, >= 32 = full precision; see `PROBE_BITS`) instead of the fields
+      above, forward only: one compiled forward serves every per-layer bit assignment
+      (the mixed-precision sensitivity, quant/mixed.py). Activation ranges are then kept
+      for every QuantAct.
   """
 
   w_bits: int = 4
@@ -74,6 +80,7 @@ class QuantPolicy:
   axis_name: str | None = None
   observer: str = "minmax"
   percentile: float = 99.999
+  probe: bool = False
 
   def __post_init__(self):
     _check_layer_bits(self.w_bits, "w_bits")
@@ -128,6 +135,19 @@ class QuantPolicy:
       bits = self.a_bits
     return None if bits == FULL_PRECISION else bits
 
+  def explicit_weight_bits(self, path: str, role: str = "") -> int | None:
+    """The weight bits a rule or first_bits/last_bits sets for `path` (None: the default)."""
+    bits = self._rule(path, 1)
+    if bits is None and role == "first":
+      bits = self.first_bits
+    if bits is None and role == "last":
+      bits = self.last_bits
+    return bits
+
+  def explicit_act_bits(self, path: str) -> int | None:
+    """The activation bits a rule sets for `path` (None: the default a_bits)."""
+    return self._rule(path, 2)
+
   def describe(self) -> str:
     """One-line summary for logs and results."""
     parts = [f"W{self.w_bits}A{self.a_bits}"]
@@ -135,7 +155,10 @@ class QuantPolicy:
       parts.append(f"first W{self.first_bits}")
     if self.last_bits is not None:
       parts.append(f"last W{self.last_bits}")
-    parts += [f"rule {r[0]}: W{r[1]} A{r[2]}" for r in self.rules]
+    if len(self.rules) > 4:  # a mixed-precision allocation: one rule per layer
+      parts.append(f"{len(self.rules)} per-layer rules")
+    else:
+      parts += [f"rule {r[0]}: W{r[1]} A{r[2]}" for r in self.rules]
     parts.append(f"ranges {self.range_mode}")
     if self.weight_mode != "asymmetric":
       parts.append(f"{self.weight_mode} weights")
@@ -144,6 +167,24 @@ class QuantPolicy:
 
 def _layer_path(module: nn.Module) -> str:
   return "/".join(module.scope.path)
+
+
+def _probe_bits(module: nn.Module, name: str) -> jax.Array:
+  """The bit-width of a probe policy's quantizer `name` ('w', 'w_<role>' or 'a') of `module`."""
+  full = lambda: jnp.full((), FULL_PRECISION, jnp.float32)
+  return module.variable(PROBE_BITS, name, full).value
+
+
+def _quantized_kernel(module: nn.Module, kernel: jax.Array) -> jax.Array:
+  """`kernel` fake-quantized at the weight bits `module.quant` gives its layer."""
+  quant = module.quant
+  if quant.probe:
+    name = f"w_{module.role}" if module.role else "w"  # the role tells a pin of first/last
+    return numerics.probe_quantize_weight(kernel, _probe_bits(module, name), quant.weight_mode)
+  bits = quant.weight_bits(_layer_path(module), module.role)
+  if bits is None:
+    return kernel
+  return numerics.quantize_weight(kernel, bits, quant.weight_mode)
 
 
 def torch_kernel_init(key, shape, dtype=jnp.float32):
@@ -190,9 +231,7 @@ class QConv(nn.Module):
       "kernel", self.kernel_init, (kh, kw, in_ch // self.feature_group_count, self.features)
     )
     if self.quant is not None:
-      bits = self.quant.weight_bits(_layer_path(self), self.role)
-      if bits is not None:
-        kernel = numerics.quantize_weight(kernel, bits, self.quant.weight_mode)
+      kernel = _quantized_kernel(self, kernel)
     padding = self.padding
     if padding is None:
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
@@ -227,9 +266,7 @@ class QDense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     if self.quant is not None:
-      bits = self.quant.weight_bits(_layer_path(self), self.role)
-      if bits is not None:
-        kernel = numerics.quantize_weight(kernel, bits, self.quant.weight_mode)
+      kernel = _quantized_kernel(self, kernel)
     if _low_precision(self.dtype):
       y = jnp.dot(
         x.astype(self.dtype), kernel.astype(self.dtype), preferred_element_type=jnp.float32
@@ -239,6 +276,11 @@ class QDense(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", torch_bias_init(x.shape[-1]), (self.features,))
     return y
+
+
+# The bit-width the 'mse' observer searches a range for in a probe policy (its ranges serve
+# every bit-width; the mixed-precision sensitivity observes with minmax).
+MAX_PROBE_OBSERVER_BITS = 8
 
 
 class QuantAct(nn.Module):
@@ -255,7 +297,7 @@ class QuantAct(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.quant is None:
       return x
-    bits = self.quant.act_bits(_layer_path(self))
+    bits = MAX_PROBE_OBSERVER_BITS if self.quant.probe else self.quant.act_bits(_layer_path(self))
     if bits is None:
       return x
     zeros = lambda: jnp.zeros((), jnp.float32)
@@ -278,6 +320,7 @@ class QuantAct(nn.Module):
         mode=self.quant.range_mode,
         decay=self.quant.range_decay,
       )
-    return numerics.fake_quant_ste(
-      x, bits, x_min.value.astype(x.dtype), x_max.value.astype(x.dtype)
-    )
+    lo, hi = x_min.value.astype(x.dtype), x_max.value.astype(x.dtype)
+    if self.quant.probe:
+      return numerics.probe_fake_quant(x, _probe_bits(self, "a"), lo, hi)
+    return numerics.fake_quant_ste(x, bits, lo, hi)

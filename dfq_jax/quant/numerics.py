@@ -221,3 +221,33 @@ def observe_range(
     best = jnp.argmin(errors).astype(jnp.float32)  # first minimum: the widest best range
     return lo, hi - best * mse_shrink * span
   raise ValueError(f"observer {observer!r} is unknown: use one of {OBSERVERS}.")
+
+
+def probe_fake_quant(x: jax.Array, bits: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """`asym_fake_quant` at a traced bit-width, forward only; bits >= 32 returns `x`.
+
+  For the mixed-precision sensitivity (one compiled forward serves every bit-width); equal
+  to `asym_fake_quant(x, int(bits), lo, hi)` for bits in 2..8.
+  """
+  bits = jnp.asarray(bits, jnp.float32)
+  k = jnp.minimum(bits, float(MAX_BITS))
+  n = 2.0**k - 1.0
+  half = 2.0 ** (k - 1.0)
+  scale = n / jnp.maximum(hi - lo, 1e-8)
+  zero_point = jnp.round(scale * lo) + half
+  q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
+  return jnp.where(bits >= 32.0, x, ((q + zero_point) / scale).astype(x.dtype))
+
+
+def probe_quantize_weight(w: jax.Array, bits: jax.Array, mode: str = "asymmetric") -> jax.Array:
+  """`quantize_weight` at a traced bit-width, forward only; bits >= 32 returns `w`."""
+  lo, hi = weight_range(w)
+  bits = jnp.asarray(bits, jnp.float32)
+  if mode == "symmetric":
+    q_max = 2.0 ** (jnp.minimum(bits, float(MAX_BITS)) - 1.0) - 1.0
+    scale = q_max / jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), 1e-8)
+    q = (jnp.clip(jnp.round(scale * w), -q_max, q_max) / scale).astype(w.dtype)
+    return jnp.where(bits >= 32.0, w, q)
+  if mode != "asymmetric":
+    raise ValueError(f"weight mode {mode!r} is unknown: use one of {WEIGHT_MODES}.")
+  return probe_fake_quant(w, bits, lo, hi)

@@ -1,0 +1,593 @@
+"""Data-free mixed precision: per-layer bit-widths from a sensitivity on synthetic images.
+
+config.quant.mixed -> `MixedSpec` (budgets, candidate bits, where the images come from)
+slots        every weight quantizer (a conv/dense kernel) and activation quantizer (a
+             QuantAct) of the student, with its size: kernel elements, or activation
+             elements per image
+sensitivity  Ω(slot, b) = mean over images of KL(teacher ‖ network with only that slot
+             at b bits), ZeroQ (Cai et al. 2020, §3.3), on synthetic images; one jitted
+             map over every (slot, b) of a probe policy (bit-widths are inputs)
+allocation   one bit-width per slot with Σ size·bits ≤ budget·Σ size minimising Σ Ω,
+             solved exactly (dynamic programming over Pareto fronts); weights and
+             activations have separate budgets
+rules        the allocation as quant.rules ('^layer1_0/conv1$=w3;...'), so every method
+             (eval, PTQ, GDFQ, DSG, AdaDFQ) trains or calibrates with it and the export
+             reads it back
+<workdir>/mixed_precision.json (per layer: bits, size, sensitivity) and mixed_precision.png.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dfq_jax import metrics as metrics_lib
+from dfq_jax import parallel, xla_options
+from dfq_jax.config_base import PTQ_PRESETS
+from dfq_jax.data import eval_set as eval_set_lib
+from dfq_jax.models.teacher import teacher_model
+from dfq_jax.ptq import synthesis
+from dfq_jax.quant import calibration, numerics
+from dfq_jax.quant.config import policy_from_config
+from dfq_jax.quant.layers import FULL_PRECISION, PROBE_BITS, QConv, QDense, QuantAct, QuantPolicy
+
+REPORT_FILE = "mixed_precision.json"
+PLOT_FILE = "mixed_precision.png"
+# dsg / zeroq: images synthesised from the teacher's BN statistics with that PTQ preset;
+# noise: N(0, 1) images; real: real images of calib.split (a reference, not data-free).
+SOURCES = ("dsg", "zeroq", "noise", "real")
+KINDS = {"w": "weight", "a": "activation"}
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedSpec:
+  """config.quant.mixed, validated. A budget of 0 leaves that kind uniform."""
+
+  budget_w_bits: float
+  budget_a_bits: float
+  w_candidates: tuple[int, ...]
+  a_candidates: tuple[int, ...]
+  source: str
+  images: int
+  samples_path: str
+  sensitivity_path: str
+
+  def budget(self, kind: str) -> float:
+    return self.budget_w_bits if kind == "w" else self.budget_a_bits
+
+  def candidates(self, kind: str) -> tuple[int, ...]:
+    return self.w_candidates if kind == "w" else self.a_candidates
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """One quantizer: `path` of its layer, `name` of its probe bit-width ('w', 'w_first',
+  'w_last' or 'a'), and `size` (kernel elements, or activation elements per image)."""
+
+  path: str
+  name: str
+  size: int
+
+  @property
+  def kind(self) -> str:
+    return self.name[0]
+
+  @property
+  def role(self) -> str:
+    return self.name[2:]
+
+
+def enabled(config) -> bool:
+  """Whether config asks for a mixed-precision allocation."""
+  m = config.quant.mixed
+  return bool(m.budget_w_bits) or bool(m.budget_a_bits)
+
+
+def _candidates(text, key: str) -> tuple[int, ...]:
+  try:
+    values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+  except ValueError:
+    raise ValueError(
+      f"{key}={text!r} must be comma-separated bit-widths, e.g. '2,3,4,5,6,8'."
+    ) from None
+  for v in values:
+    numerics.check_bits(v, f"candidate {v} of {key}")
+  if not values or len(set(values)) != len(values):
+    raise ValueError(f"{key}={text!r} must name each bit-width once, e.g. '2,3,4,5,6,8'.")
+  return tuple(sorted(values))
+
+
+def spec_from_config(config) -> MixedSpec:
+  """The validated MixedSpec of config.quant.mixed (ValueError/FileNotFoundError)."""
+  m = config.quant.mixed
+  spec = MixedSpec(
+    budget_w_bits=float(m.budget_w_bits),
+    budget_a_bits=float(m.budget_a_bits),
+    w_candidates=_candidates(m.w_candidates, "quant.mixed.w_candidates"),
+    a_candidates=_candidates(m.a_candidates, "quant.mixed.a_candidates"),
+    source=m.source,
+    images=int(m.images),
+    samples_path=m.samples_path,
+    sensitivity_path=m.sensitivity_path,
+  )
+  for kind in KINDS:
+    budget, cands, key = spec.budget(kind), spec.candidates(kind), f"quant.mixed.budget_{kind}_bits"
+    if budget and not cands[0] <= budget <= cands[-1]:
+      side = "below the smallest" if budget < cands[0] else "above the largest"
+      raise ValueError(
+        f"{key}={budget:g} lies {side} candidate bit-width of quant.mixed.{kind}_candidates "
+        f"({','.join(map(str, cands))}): choose a budget in [{cands[0]}, {cands[-1]}] "
+        "(or 0 for a uniform bit-width), or change the candidates."
+      )
+  if spec.source not in SOURCES:
+    raise ValueError(f"quant.mixed.source={spec.source!r} is unknown: use one of {SOURCES}.")
+  if spec.images <= 0:
+    raise ValueError(f"quant.mixed.images={spec.images} must be positive.")
+  for key in ("samples_path", "sensitivity_path"):
+    path = getattr(spec, key)
+    if path and not os.path.exists(path):
+      raise FileNotFoundError(f"quant.mixed.{key}={path!r} does not exist.")
+  return spec
+
+
+def check_mixed_config(config) -> None:
+  """Raises for a config.quant.mixed that cannot run (the layer-dependent checks, such as
+  a budget the pinned layers already exceed, come with `plan`, before any work)."""
+  if enabled(config):
+    spec_from_config(config)
+
+
+def probe_model(config) -> nn.Module:
+  """The student with every bit-width an input (QuantPolicy.probe)."""
+  user = policy_from_config(config)
+  return teacher_model(config, QuantPolicy(probe=True, weight_mode=user.weight_mode))
+
+
+def find_slots(model: nn.Module, image_shape) -> list[Slot]:
+  """The quantizers of a probe `model`, in forward order."""
+  order = []
+
+  def record(module, method_name):
+    if method_name == "__call__" and isinstance(module, (QConv, QDense, QuantAct)):
+      order.append(module.scope.path)
+    return isinstance(module, QuantAct)
+
+  x = jnp.zeros((1, *image_shape))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  _, state = jax.eval_shape(
+    lambda v: model.apply(v, x, capture_intermediates=record, mutable=["intermediates"]), variables
+  )
+  outputs = traverse_util.flatten_dict(state["intermediates"])
+  params = traverse_util.flatten_dict(variables["params"])
+  names = traverse_util.flatten_dict(variables[PROBE_BITS])
+  slots, seen = [], set()
+  for path in order:
+    if path in seen:
+      continue
+    seen.add(path)
+    for (*p, name), _ in names.items():
+      if tuple(p) != path:
+        continue
+      if name == "a":
+        size = math.prod(outputs[(*path, "__call__")][0].shape[1:])
+      else:
+        size = math.prod(params[(*path, "kernel")].shape)
+      slots.append(Slot("/".join(path), name, int(size)))
+  return slots
+
+
+def probe_bits_tree(slots: list[Slot], bits) -> dict:
+  """The `probe_bits` collection giving slot i the bit-width bits[i]."""
+  return traverse_util.unflatten_dict(
+    {(*s.path.split("/"), s.name): bits[i] for i, s in enumerate(slots)}
+  )
+
+
+def pinned_bits(config, slots: list[Slot]) -> list[int | None]:
+  """Per slot, the bit-width the user's quant.rules / first_bits / last_bits fix (None:
+  free for the allocation)."""
+  user = policy_from_config(config)
+  out = []
+  for s in slots:
+    out.append(
+      user.explicit_weight_bits(s.path, s.role) if s.kind == "w" else user.explicit_act_bits(s.path)
+    )
+  return out
+
+
+def slot_options(spec: MixedSpec, slots, pins, kind: str) -> list[tuple[int, list[int]]]:
+  """(slot index, candidate bit-widths) of every slot of `kind` (a pin: its one width)."""
+  return [
+    (i, [pins[i]] if pins[i] is not None else list(spec.candidates(kind)))
+    for i, s in enumerate(slots)
+    if s.kind == kind
+  ]
+
+
+def plan(config, image_shape) -> tuple[MixedSpec, nn.Module, list[Slot], list]:
+  """The spec, probe model, slots and pins of `config`, checked before any work: every
+  budget must be reachable with the pinned layers (ValueError otherwise)."""
+  spec = spec_from_config(config)
+  model = probe_model(config)
+  slots = find_slots(model, image_shape)
+  pins = pinned_bits(config, slots)
+  for kind, what in KINDS.items():
+    budget = spec.budget(kind)
+    if not budget:
+      continue
+    options = slot_options(spec, slots, pins, kind)
+    if all(pins[i] is not None for i, _ in options):
+      raise ValueError(
+        f"quant.mixed.budget_{kind}_bits is set but quant.rules/first_bits/last_bits fix "
+        f"every {what} quantizer: drop the budget or the rules."
+      )
+    total = sum(slots[i].size for i, _ in options)
+    least = sum(slots[i].size * min(bits) for i, bits in options) / total
+    if least > budget + 1e-9:
+      fixed = [f"{slots[i].path} at {b[0]}" for i, b in options if pins[i] is not None]
+      raise ValueError(
+        f"quant.mixed.budget_{kind}_bits={budget:g} cannot be met: with the {what} bits "
+        f"that quant.rules/first_bits/last_bits fix ({', '.join(fixed)}) the average is at "
+        f"least {least:.3f} bits. Raise the budget or pin fewer layers."
+      )
+  return spec, model, slots, pins
+
+
+def sensitivity_rows(slots: list[Slot], options) -> np.ndarray:
+  """[R, S] bit-widths: one row per (slot, candidate), only that slot below FP."""
+  rows = []
+  for i, bits in options:
+    for b in bits:
+      row = np.full(len(slots), FULL_PRECISION, np.float32)
+      row[i] = b
+      rows.append(row)
+  return np.stack(rows)
+
+
+def measure_sensitivity(
+  model: nn.Module, variables: dict, slots: list[Slot], rows: np.ndarray, images, chunk: int = 8
+) -> np.ndarray:
+  """Mean KL(FP ‖ probe) over `images` [N, H, W, C] for each bit-width row [R, S] -> [R].
+
+  `variables` hold the teacher's params/batch_stats and the probe's `quant_stats`; the
+  whole map over rows is one compiled computation (`chunk` rows at a time).
+  """
+
+  @jax.jit
+  def kl_rows(variables, rows, images):
+    full = jnp.full((len(slots),), FULL_PRECISION, jnp.float32)
+    fp_logp = jax.nn.log_softmax(
+      model.apply({**variables, PROBE_BITS: probe_bits_tree(slots, full)}, images)
+    )
+
+    def kl(row):
+      logq = jax.nn.log_softmax(
+        model.apply({**variables, PROBE_BITS: probe_bits_tree(slots, row)}, images)
+      )
+      return jnp.mean(jnp.sum(jnp.exp(fp_logp) * (fp_logp - logq), axis=-1))
+
+    return jax.lax.map(kl, rows, batch_size=chunk)
+
+  return np.asarray(kl_rows(variables, jnp.asarray(rows), jnp.asarray(images)))
+
+
+def probe_variables(model, teacher_vars, slots, images, config) -> dict:
+  """The teacher's weights with the FP network's activation ranges on `images`."""
+  fresh = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, *images.shape[1:]))))
+  variables = {
+    **teacher_vars,
+    "quant_stats": jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fresh["quant_stats"]),
+    PROBE_BITS: probe_bits_tree(slots, [jnp.float32(FULL_PRECISION)] * len(slots)),
+  }
+  batch = 64
+  variables["quant_stats"] = calibration.calibrate_ranges(
+    model,
+    variables,
+    (images[i : i + batch] for i in range(0, len(images), batch)),
+    observer=config.calib.method,
+    percentile=config.calib.percentile,
+  )
+  return variables
+
+
+def allocate(options: list[list[tuple[int, float]]], budget: int) -> list[int]:
+  """Exact multiple-choice knapsack: the option per slot minimising Σ sensitivity with
+  Σ cost ≤ `budget`.
+
+  Args:
+    options: per slot, (integer cost, sensitivity) of each choice.
+    budget: the largest total cost.
+  Returns:
+    The index of the chosen option of each slot. Partial assignments are pruned to their
+    Pareto front (no other one is as cheap and as good), which keeps the result exact.
+  """
+  min_rest = np.concatenate([np.cumsum([min(c for c, _ in o) for o in options][::-1])[::-1], [0]])
+  if min_rest[0] > budget:
+    raise ValueError(f"no allocation fits the budget {budget}: the cheapest needs {min_rest[0]}.")
+  cost, sens = np.zeros(1, np.int64), np.zeros(1, np.float64)
+  parents, choices = [], []
+  for i, opts in enumerate(options):
+    c = np.array([o[0] for o in opts], np.int64)
+    s = np.array([o[1] for o in opts], np.float64)
+    new_cost = (cost[:, None] + c[None, :]).ravel()
+    new_sens = (sens[:, None] + s[None, :]).ravel()
+    parent = np.repeat(np.arange(len(cost)), len(c))
+    choice = np.tile(np.arange(len(c)), len(cost))
+    fits = new_cost + min_rest[i + 1] <= budget
+    new_cost, new_sens, parent, choice = (a[fits] for a in (new_cost, new_sens, parent, choice))
+    order = np.lexsort((new_sens, new_cost))  # by cost, then sensitivity
+    new_cost, new_sens, parent, choice = (a[order] for a in (new_cost, new_sens, parent, choice))
+    best_before = np.concatenate([[np.inf], np.minimum.accumulate(new_sens)[:-1]])
+    front = new_sens < best_before
+    cost, sens = new_cost[front], new_sens[front]
+    parents.append(parent[front])
+    choices.append(choice[front])
+  k = int(np.argmin(sens))
+  picked = []
+  for parent, choice in zip(parents[::-1], choices[::-1]):
+    picked.append(int(choice[k]))
+    k = int(parent[k])
+  return picked[::-1]
+
+
+def allocation_rules(slots: list[Slot], bits: dict[int, int]) -> str:
+  """quant.rules text fixing slot i at bits[i]: '^conv1$=w8;^layer1_0/act1$=a4;...'."""
+  items = []
+  for i, b in sorted(bits.items()):
+    s = slots[i]
+    items.append(f"^{re.escape(s.path)}$={s.kind}{'fp' if b == FULL_PRECISION else b}")
+  return ";".join(items)
+
+
+def sensitivity_images(config, spec: MixedSpec, teacher_vars, image_shape, norm, log=print):
+  """The images the sensitivity is measured on, float32 [N, H, W, C] in the model's input
+  space, and the seconds their synthesis took."""
+  t0 = time.perf_counter()
+  n = spec.images
+  if spec.samples_path:
+    images = synthesis.load_samples(spec.samples_path, image_shape)[0][:n]
+  elif spec.source == "noise":
+    key = jax.random.fold_in(jax.random.key(config.seed), 13)
+    images = np.asarray(jax.random.normal(key, (n, *image_shape), jnp.float32))
+  elif spec.source == "real":
+    images = eval_set_lib.real_images(config, norm, config.calib.split, n)
+  else:
+    hp = synthesis.PtqHparams.from_config(config)
+    hp = dataclasses.replace(
+      hp,
+      **{k: v for k, v in PTQ_PRESETS[f"{spec.source}_ptq"].items() if hasattr(hp, k)},
+    )
+    hp = dataclasses.replace(hp, batches=-(-n // hp.batch_size))
+    key = jax.random.fold_in(jax.random.key(config.seed), 17)
+    synth = synthesis.make_synthesizer(
+      hp,
+      teacher_model(config),
+      teacher_vars,
+      jax.random.fold_in(key, 0),
+      image_shape,
+      config.num_classes,
+      compiler_options=xla_options.compiler_options(config.cpu_conv_kernels),
+    )
+    batches = []
+    for b in range(hp.batches):
+      x, _, last = synth.run_batch(jax.random.fold_in(key, b + 1))
+      batches.append(parallel.global_to_host(x))
+      log(
+        f"Mixed precision: synthetic batch {b + 1}/{hp.batches} ({spec.source}), loss "
+        f"{last['loss']:.4g}."
+      )
+    images = np.concatenate(batches)[:n]
+  if len(images) < n:
+    raise ValueError(
+      f"quant.mixed.images={n} but only {len(images)} images are available: lower it."
+    )
+  return np.asarray(images, np.float32), time.perf_counter() - t0
+
+
+def _measured_rows(spec, slots, pins) -> list[tuple[int, list[int]]]:
+  """(slot, bit-widths to measure) of every allocated kind: a pin below FP is measured too."""
+  rows = []
+  for kind in KINDS:
+    if spec.budget(kind):
+      for i, bits in slot_options(spec, slots, pins, kind):
+        bits = [b for b in bits if b != FULL_PRECISION]
+        if bits:
+          rows.append((i, bits))
+  return rows
+
+
+def _reused_sensitivity(path: str, slots, measured) -> dict[tuple[int, int], float]:
+  with open(path) as f:
+    layers = {
+      (layer["path"], layer["name"]): layer["sensitivity"] for layer in json.load(f)["layers"]
+    }
+  out = {}
+  for i, bits in measured:
+    known = layers.get((slots[i].path, slots[i].name), {})
+    for b in bits:
+      if str(b) not in known:
+        raise ValueError(
+          f"quant.mixed.sensitivity_path={path!r} has no sensitivity of "
+          f"{slots[i].path} ({KINDS[slots[i].kind]}) at {b} bits: drop the path to measure it."
+        )
+      out[(i, b)] = float(known[str(b)])
+  return out
+
+
+def sensitivities(config, planned, teacher_vars, image_shape, norm, log=print):
+  """{(slot, bits): Ω} for every bit-width the allocation may choose, and timings."""
+  spec, model, slots, pins = planned
+  measured = _measured_rows(spec, slots, pins)
+  if spec.sensitivity_path:
+    return _reused_sensitivity(spec.sensitivity_path, slots, measured), {"reused": True}
+  images, synthesis_s = sensitivity_images(config, spec, teacher_vars, image_shape, norm, log)
+  t0 = time.perf_counter()
+  variables = probe_variables(model, teacher_vars, slots, images, config)
+  rows = sensitivity_rows(slots, measured)
+  values = measure_sensitivity(model, variables, slots, rows, images)
+  keys = [(i, b) for i, bits in measured for b in bits]
+  timings = {"synthesis_s": synthesis_s, "sensitivity_s": time.perf_counter() - t0}
+  log(
+    f"Mixed precision: {len(keys)} sensitivities on {len(images)} {spec.source} images in "
+    f"{timings['sensitivity_s']:.1f} s."
+  )
+  return dict(zip(keys, (float(v) for v in values))), timings
+
+
+def allocate_bits(spec, slots, pins, sens) -> dict[int, int]:
+  """{slot: bits} of every slot of an allocated kind (exact, see `allocate`)."""
+  bits = {}
+  for kind in KINDS:
+    if not spec.budget(kind):
+      continue
+    opts = slot_options(spec, slots, pins, kind)
+    total = sum(slots[i].size for i, _ in opts)
+    budget = math.floor(spec.budget(kind) * total + 1e-6)
+    options = [[(slots[i].size * b, sens.get((i, b), 0.0)) for b in widths] for i, widths in opts]
+    for (i, widths), pick in zip(opts, allocate(options, budget)):
+      bits[i] = widths[pick]
+  return bits
+
+
+def with_rules(config, rules: str):
+  """A copy of `config` whose quant.rules start with `rules` (then the user's own)."""
+  c = copy.deepcopy(config)
+  c.quant.rules = rules + (";" + config.quant.rules if config.quant.rules else "")
+  return c
+
+
+def _policy_bits(policy: QuantPolicy, slot: Slot) -> int:
+  bits = (
+    policy.weight_bits(slot.path, slot.role) if slot.kind == "w" else policy.act_bits(slot.path)
+  )
+  return FULL_PRECISION if bits is None else bits
+
+
+def average_bits(policy: QuantPolicy, slots: list[Slot], kind: str) -> float:
+  """Size-weighted average bit-width `policy` gives the `kind` quantizers (FP = 32)."""
+  chosen = [s for s in slots if s.kind == kind]
+  return sum(s.size * _policy_bits(policy, s) for s in chosen) / sum(s.size for s in chosen)
+
+
+def weight_size_kib(policy: QuantPolicy, slots: list[Slot]) -> float:
+  """The kernels' size at `policy`'s bit-widths, KiB (biases and BN not counted)."""
+  return sum(s.size * _policy_bits(policy, s) for s in slots if s.kind == "w") / 8 / 1024
+
+
+def build_report(config, planned, sens, bits, timings) -> dict:
+  """mixed_precision.json: the allocation, its rules and every layer's sensitivity."""
+  spec, _, slots, pins = planned
+  rules = allocation_rules(slots, bits)
+  policy = policy_from_config(with_rules(config, rules))
+  for i, b in bits.items():  # the rules give every slot its allocated width
+    assert _policy_bits(policy, slots[i]) == b, (slots[i], b)
+  layers = [
+    {
+      "path": s.path,
+      "name": s.name,
+      "kind": KINDS[s.kind],
+      "size": s.size,
+      "bits": _policy_bits(policy, s),
+      "allocated": i in bits,
+      "pinned": pins[i] is not None,
+      "sensitivity": {str(b): v for (j, b), v in sorted(sens.items()) if j == i},
+    }
+    for i, s in enumerate(slots)
+  ]
+  uniform = {
+    str(b): sum(s.size for s in slots if s.kind == "w") * b / 8 / 1024 for b in spec.w_candidates
+  }
+  return {
+    **dataclasses.asdict(spec),
+    "avg_w_bits": average_bits(policy, slots, "w"),
+    "avg_a_bits": average_bits(policy, slots, "a"),
+    "weight_size_kib": weight_size_kib(policy, slots),
+    "uniform_weight_size_kib": uniform,
+    "objective": sum(sens.get((i, b), 0.0) for i, b in bits.items()),
+    **timings,
+    "rules": rules,
+    "layers": layers,
+  }
+
+
+def summary(report: dict) -> dict:
+  """What results.json says about the allocation."""
+  keys = ("budget_w_bits", "budget_a_bits", "source", "avg_w_bits", "avg_a_bits")
+  return {**{k: report[k] for k in keys}, "weight_size_kib": report["weight_size_kib"]}
+
+
+def write_plot(path: str, report: dict) -> None:
+  """Per-layer bit-widths (bars) and sensitivities (log scale, one line per bit-width)."""
+  layers = report["layers"]
+  fig = Figure(figsize=(max(8.0, 0.32 * len(layers)), 7.0))
+  FigureCanvasAgg(fig)
+  top, bottom = fig.subplots(2, 1, sharex=True)
+  x = np.arange(len(layers))
+  colors = ["tab:blue" if layer["kind"] == "weight" else "tab:orange" for layer in layers]
+  top.bar(x, [min(layer["bits"], 9) for layer in layers], color=colors)
+  top.set_ylabel("bits (FP drawn as 9)")
+  top.set_title(
+    f"mixed precision: W {report['avg_w_bits']:.2f} / A {report['avg_a_bits']:.2f} average bits "
+    f"(blue weights, orange activations), {report['source']} images"
+  )
+  widths = sorted({int(b) for layer in layers for b in layer["sensitivity"]})
+  for b in widths:
+    y = [layer["sensitivity"].get(str(b), np.nan) for layer in layers]
+    bottom.semilogy(x, np.maximum(np.asarray(y, float), 1e-8), marker="o", ms=3, label=f"{b} bits")
+  bottom.set_ylabel("KL(FP ‖ one layer quantized)")
+  bottom.legend(fontsize=7, ncol=len(widths) or 1)
+  bottom.set_xticks(x)
+  bottom.set_xticklabels(
+    [f"{layer['path']} ({layer['kind'][0]})" for layer in layers], rotation=90, fontsize=6
+  )
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def resolve(config, workdir: str, planned, teacher_vars, image_shape, norm, log=print):
+  """(config with the allocation as quant.rules, the report): read from
+  <workdir>/mixed_precision.json if a run wrote it, else measured, solved and written."""
+  path = os.path.join(workdir, REPORT_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      report = json.load(f)
+    log(f"Mixed precision: the allocation of {path} (W {report['avg_w_bits']:.2f} bits).")
+    return with_rules(config, report["rules"]), report
+  spec, _, slots, pins = planned
+  sens, timings = sensitivities(config, planned, teacher_vars, image_shape, norm, log)
+  bits = allocate_bits(spec, slots, pins, sens)
+  report = build_report(config, planned, sens, bits, timings)
+  if metrics_lib.is_writer():
+    metrics_lib.write_json_atomic(path, report)
+    write_plot(os.path.join(workdir, PLOT_FILE), report)
+  log(
+    f"Mixed precision: W {report['avg_w_bits']:.2f} / A {report['avg_a_bits']:.2f} average "
+    f"bits, kernels {report['weight_size_kib']:.1f} KiB (rules in {path})."
+  )
+  return with_rules(config, report["rules"]), report
+
+
+def resolved_config(config, workdir: str):
+  """`config` of the finished run in `workdir` with its allocation applied (for export)."""
+  if not enabled(config):
+    return config
+  path = os.path.join(workdir, REPORT_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"the mixed-precision run in {workdir!r} has no {REPORT_FILE}: resume the run first."
+    )
+  with open(path) as f:
+    return with_rules(config, json.load(f)["rules"])

@@ -1,0 +1,311 @@
+"""Data-free mixed precision: the probe measures the quantizer that is evaluated, the
+allocation is exact, and a run trains, evaluates and exports the allocated bits."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dfq_test_utils import tiny_config
+
+from dfq_jax import evaluate as evaluate_lib
+from dfq_jax import run as run_lib
+from dfq_jax.data import eval_set as eval_set_lib
+from dfq_jax.export.workdir import load_student
+from dfq_jax.models import get_model
+from dfq_jax.quant import mixed, numerics
+from dfq_jax.quant.config import parse_rules
+from dfq_jax.quant.layers import FULL_PRECISION, PROBE_BITS, QuantPolicy
+
+SHAPE = (16, 16, 3)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_probe_quantizers_equal_the_static_ones(bits):
+  x = jax.random.normal(jax.random.key(0), (4, 5, 6))
+  lo, hi = jnp.float32(-1.3), jnp.float32(2.1)
+  np.testing.assert_array_equal(
+    numerics.probe_fake_quant(x, jnp.float32(bits), lo, hi),
+    numerics.asym_fake_quant(x, bits, lo, hi),
+  )
+  for mode in numerics.WEIGHT_MODES:
+    np.testing.assert_array_equal(
+      numerics.probe_quantize_weight(x, jnp.float32(bits), mode),
+      numerics.quantize_weight(x, bits, mode),
+    )
+  np.testing.assert_array_equal(numerics.probe_fake_quant(x, jnp.float32(32), lo, hi), x)
+  np.testing.assert_array_equal(numerics.probe_quantize_weight(x, jnp.float32(32)), x)
+
+
+def _probe_setup():
+  model = get_model("resnet8_cifar", num_classes=10, quant=QuantPolicy(probe=True))
+  teacher = get_model("resnet8_cifar", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (8, *SHAPE))
+  init = teacher.init(jax.random.key(2), x)
+  # Non-trivial BN statistics, so a wrong layer order or range shows.
+  stats = jax.tree.map(
+    lambda a: a + 0.1 * jax.random.uniform(jax.random.key(3), a.shape), init["batch_stats"]
+  )
+  teacher_vars = {"params": init["params"], "batch_stats": stats}
+  slots = mixed.find_slots(model, SHAPE)
+  config = tiny_config("unused", "eval")
+  variables = mixed.probe_variables(model, teacher_vars, slots, np.asarray(x), config)
+  return model, teacher, teacher_vars, slots, variables, x
+
+
+def test_slots_are_every_quantizer_in_forward_order_with_roles_and_sizes():
+  model, _, teacher_vars, slots, _, _ = _probe_setup()
+  weights = [s for s in slots if s.kind == "w"]
+  kernels = [
+    a for p, a in jax.tree_util.tree_leaves_with_path(teacher_vars["params"]) if "kernel" in str(p)
+  ]
+  assert len(weights) == len(kernels) == 8  # ResNet-8: stem, 3 blocks x 2 convs, classifier
+  assert sum(s.size for s in weights) == sum(k.size for k in kernels)
+  assert (weights[0].path, weights[0].role) == ("conv1", "first")
+  assert (weights[-1].path, weights[-1].role) == ("linear", "last")
+  assert slots[1].kind == "a" and slots[1].size == 16 * 16 * 16  # after the stem conv
+  assert [s.path for s in weights[1:3]] == ["layer1_0/conv1", "layer1_0/conv2"]
+
+
+def test_probe_forward_is_the_static_policy_forward_of_the_same_bits():
+  """What the sensitivity measures is what the allocated rules evaluate and train."""
+  model, teacher, teacher_vars, slots, variables, x = _probe_setup()
+  # All FP: the teacher.
+  full = mixed.probe_bits_tree(slots, [jnp.float32(FULL_PRECISION)] * len(slots))
+  np.testing.assert_allclose(
+    model.apply({**variables, PROBE_BITS: full}, x), teacher.apply(teacher_vars, x), atol=1e-5
+  )
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    bits = {i: int(rng.choice([2, 3, 4, 5, 8, FULL_PRECISION])) for i in range(len(slots))}
+    rules = mixed.allocation_rules(slots, bits)
+    policy = QuantPolicy(w_bits=FULL_PRECISION, a_bits=FULL_PRECISION, rules=parse_rules(rules))
+    static = get_model("resnet8_cifar", num_classes=10, quant=policy)
+    quant_stats = static.init(jax.random.key(0), x[:1]).get("quant_stats", {})
+    # The same ranges: the probe's, for the activations the static policy quantizes.
+    quant_stats = jax.tree_util.tree_map_with_path(
+      lambda p, _: _lookup(variables["quant_stats"], p), quant_stats
+    )
+    probe = mixed.probe_bits_tree(slots, [jnp.float32(bits[i]) for i in range(len(slots))])
+    np.testing.assert_allclose(
+      model.apply({**variables, PROBE_BITS: probe}, x),
+      static.apply({**teacher_vars, "quant_stats": quant_stats}, x),
+      atol=1e-5,
+    )
+
+
+def _lookup(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def test_sensitivity_is_zero_at_fp_and_grows_as_bits_fall():
+  model, _, _, slots, variables, x = _probe_setup()
+  rows = mixed.sensitivity_rows(slots, [(0, [2, 4, 8]), (1, [2, 8]), (4, [32])])
+  kl = mixed.measure_sensitivity(model, variables, slots, rows, x, chunk=2)
+  assert kl.shape == (6,)
+  assert np.all(kl[:5] >= 0) and abs(kl[5]) < 1e-6
+  assert kl[0] > kl[1] > kl[2] and kl[3] > kl[4]
+
+
+def _brute_force(options, budget):
+  best = None
+  for combo in itertools.product(*[range(len(o)) for o in options]):
+    cost = sum(options[i][j][0] for i, j in enumerate(combo))
+    sens = sum(options[i][j][1] for i, j in enumerate(combo))
+    if cost <= budget and (best is None or sens < best[0] - 1e-12):
+      best = (sens, combo)
+  return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocation_is_the_exact_optimum(seed):
+  rng = np.random.default_rng(seed)
+  n = int(rng.integers(2, 7))
+  options = []
+  for _ in range(n):
+    size = int(rng.integers(1, 50))
+    bits = sorted(rng.choice([2, 3, 4, 5, 6, 8], size=int(rng.integers(1, 5)), replace=False))
+    options.append([(size * int(b), float(rng.exponential() / b)) for b in bits])
+  cheapest = sum(min(c for c, _ in o) for o in options)
+  dearest = sum(max(c for c, _ in o) for o in options)
+  budget = int(rng.integers(cheapest, dearest + 1))
+  picked = mixed.allocate(options, budget)
+  sens, _ = _brute_force(options, budget)
+  assert sum(options[i][j][0] for i, j in enumerate(picked)) <= budget
+  assert sum(options[i][j][1] for i, j in enumerate(picked)) == pytest.approx(sens, abs=1e-12)
+  with pytest.raises(ValueError, match="no allocation fits"):
+    mixed.allocate(options, cheapest - 1)
+
+
+def _mixed_config(teacher_dir, **values):
+  config = tiny_config(teacher_dir, "eval")
+  config.quant.a_bits = 8
+  config.quant.mixed.budget_w_bits = 3.0
+  config.quant.mixed.source = "noise"
+  config.quant.mixed.images = 16
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize(
+  "values, message",
+  [
+    ({"quant.mixed.budget_w_bits": 1.5}, "below the smallest"),
+    ({"quant.mixed.budget_w_bits": 9.0}, "above the largest"),
+    ({"quant.mixed.w_candidates": "2,9"}, "candidate 9"),
+    ({"quant.mixed.w_candidates": "3,3"}, "each bit-width once"),
+    ({"quant.mixed.w_candidates": "two"}, "comma-separated"),
+    ({"quant.mixed.source": "imagenet"}, "source"),
+    ({"quant.mixed.images": 0}, "images"),
+    ({"quant.rules": "layer=w8"}, "cannot be met"),
+    ({"quant.rules": "layer=w8", "quant.first_bits": 8, "quant.last_bits": 8}, "every weight"),
+    ({"quant.mixed.sensitivity_path": "/nonexistent.json"}, "does not exist"),
+  ],
+)
+def test_bad_mixed_settings_are_refused_before_any_work(
+  tiny_teacher_dir, tmp_path, values, message
+):
+  workdir = tmp_path / "w"
+  with pytest.raises((ValueError, FileNotFoundError), match=message):
+    run_lib.run(_mixed_config(tiny_teacher_dir, **values), str(workdir), log=lambda *a: None)
+  assert not (workdir / mixed.REPORT_FILE).exists()
+
+
+def test_cli_answers_a_bad_budget_with_one_error_line(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "dfq_jax.main",
+      "--config=configs/demo.py:eval",
+      f"--workdir={tmp_path / 'w'}",
+      "--config.quant.mixed.budget_w_bits=1",
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+  )
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: quant.mixed.budget_w_bits=1")
+  assert "Traceback" not in proc.stderr
+
+
+def _top1(workdir):
+  config, student, variables = load_student(workdir)
+  ds = eval_set_lib.load_eval_set(config)
+  norm = eval_set_lib.normalization(config)
+  r = evaluate_lib.evaluate(
+    [(student.apply, variables)], ds.images, ds.labels, norm.mean, norm.std, 64
+  )
+  return student, 100 * float(r.top1[0])
+
+
+def _check_export(workdir, student, out):
+  """The exported file runs the allocated bits: ONNX Runtime equals dfq_jax."""
+  pytest.importorskip("onnx")
+  pytest.importorskip("onnxruntime")
+  from dfq_jax.export import runtime  # the optional `export` extra
+
+  proc = subprocess.run(
+    [sys.executable, "-m", "dfq_jax.export", f"--workdir={workdir}", f"--out={out}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  _, _, variables = load_student(workdir)
+  x = np.asarray(jax.random.normal(jax.random.key(2), (8, *SHAPE)))
+  ours = np.asarray(student.apply(variables, x))
+  with open(out, "rb") as f:
+    theirs = runtime.session(f.read(), optimize=False).run(
+      None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
+    )[0]
+  assert np.mean(np.abs(theirs - ours) < 1e-5 * np.abs(ours).max()) > 0.95
+
+
+def test_a_mixed_run_evaluates_and_stores_the_allocated_bits(tiny_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "mixed")
+  config = _mixed_config(tiny_teacher_dir, **{"quant.last_bits": 8})
+  results = run_lib.run(config, workdir, log=lambda *a: None)
+  with open(os.path.join(workdir, mixed.REPORT_FILE)) as f:
+    report = json.load(f)
+  assert os.path.getsize(os.path.join(workdir, mixed.PLOT_FILE)) > 10_000
+  weights = [layer for layer in report["layers"] if layer["kind"] == "weight"]
+  total = sum(layer["size"] for layer in weights)
+  average = sum(layer["size"] * layer["bits"] for layer in weights) / total
+  assert average <= 3.0 and average == pytest.approx(report["avg_w_bits"])
+  assert results["mixed_precision"]["avg_w_bits"] == pytest.approx(average)
+  assert len({layer["bits"] for layer in weights}) > 1  # really mixed
+  assert weights[-1]["bits"] == 8 and weights[-1]["pinned"]  # last_bits pins the classifier
+  assert all(set(layer["sensitivity"]) == {"2", "3", "4", "5", "6", "8"} for layer in weights[:-1])
+  # Activations keep the uniform a_bits (no activation budget).
+  assert {layer["bits"] for layer in report["layers"] if layer["kind"] == "activation"} == {8}
+  # The stored student is the allocated one: its policy gives every layer its bits, and
+  # its top-1 is the run's.
+  student, top1 = _top1(workdir)
+  for layer in weights:
+    assert student.quant.weight_bits(layer["path"], layer["name"][2:]) == layer["bits"]
+  assert top1 == pytest.approx(results["quant_top1"], abs=1e-3)
+  _check_export(workdir, student, tmp_path / "mixed.onnx")
+  # A rerun reads the allocation back instead of measuring again.
+  messages = []
+  again = run_lib.run(config, workdir, log=messages.append)
+  assert any("the allocation of" in str(m) for m in messages)
+  assert again["quant_top1"] == pytest.approx(results["quant_top1"], abs=1e-6)
+  # Another budget from the same sensitivities: no measurement, and it is cheaper.
+  other = str(tmp_path / "other")
+  config2 = _mixed_config(
+    tiny_teacher_dir,
+    **{
+      "quant.last_bits": 8,
+      "quant.mixed.budget_w_bits": 2.5,
+      "quant.mixed.sensitivity_path": os.path.join(workdir, mixed.REPORT_FILE),
+    },
+  )
+  run_lib.run(config2, other, log=lambda *a: None)
+  with open(os.path.join(other, mixed.REPORT_FILE)) as f:
+    cheaper = json.load(f)
+  assert cheaper["avg_w_bits"] <= 2.5 and cheaper["reused"]
+  assert [layer["sensitivity"] for layer in cheaper["layers"]] == [
+    layer["sensitivity"] for layer in report["layers"]
+  ]
+
+
+def test_activation_budget_and_synthetic_images_train_with_adadfq(tiny_teacher_dir, tmp_path):
+  workdir = str(tmp_path / "ada")
+  config = _mixed_config(
+    tiny_teacher_dir,
+    **{
+      "quant.mixed.budget_a_bits": 4.0,
+      "quant.mixed.a_candidates": "2,4,8",
+      "quant.mixed.source": "dsg",
+      "ptq.steps": 3,
+      "ptq.batch_size": 16,
+    },
+  )
+  config.method = "adadfq"
+  results = run_lib.run(config, workdir, log=lambda *a: None)
+  with open(os.path.join(workdir, mixed.REPORT_FILE)) as f:
+    report = json.load(f)
+  acts = [layer for layer in report["layers"] if layer["kind"] == "activation"]
+  average = sum(a["size"] * a["bits"] for a in acts) / sum(a["size"] for a in acts)
+  assert average <= 4.0 and {a["bits"] for a in acts} <= {2, 4, 8}
+  assert report["source"] == "dsg" and report["synthesis_s"] > 0
+  # The trained student carries the allocation: its final top-1 is the run's.
+  student, top1 = _top1(workdir)
+  for a in acts:
+    assert student.quant.act_bits(a["path"]) == a["bits"]
+  assert top1 == pytest.approx(results["final_top1"], abs=1e-3)
