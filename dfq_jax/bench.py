@@ -20,6 +20,12 @@ synthesises the ZeroQ and DSG sets once and tables top-1 for every bit-width x c
 set (ZeroQ, DSG, real train images, noise) x observer (dfq_jax/ptq_grid.py): ptq_grid.md/json,
 diversity.png/md.
 
+  python -m dfq_jax.bench mixed --config configs/cifar10_resnet20.py:eval,w4a8 \
+      --uniform 2,3,4,5,6,8 --budgets 2.5,3,3.5,4,5,6 --sources dsg,real --out runs/mixed
+runs uniform weight bit-widths and mixed-precision budgets (sensitivity from each
+source) and draws top-1 against the kernels' size (dfq_jax/mixed_grid.py): pareto.json,
+pareto.md, pareto.png.
+
   python -m dfq_jax.bench curves --runs DIR1,DIR2 [--labels A,B] --out curves.png
 draws top-1 against iterations of training runs (their metrics.jsonl), the FP level and
 each run's no-training floor marked (dfq_jax/curves.py); no --config needed.
@@ -51,7 +57,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dfq_jax import config_base, networks, ptq_grid, trainer
+from dfq_jax import config_base, mixed_grid, networks, ptq_grid, trainer
 from dfq_jax import curves as curves_lib
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import run as run_lib
@@ -70,6 +76,11 @@ _OBSERVERS = flags.DEFINE_list(
   ["minmax", "sample_mean", "percentile", "mse"],
   "ptq: activation-range observers (calib.method values).",
 )
+_UNIFORM = flags.DEFINE_list("uniform", ["2", "3", "4", "5", "6", "8"], "mixed: uniform bits.")
+_BUDGETS = flags.DEFINE_list(
+  "budgets", ["2.5", "3", "3.5", "4", "5", "6"], "mixed: average weight-bit budgets."
+)
+_SOURCES = flags.DEFINE_list("sources", ["dsg"], "mixed: sensitivity image sources.")
 _RUNS = flags.DEFINE_list("runs", [], "curves: workdirs of training runs.")
 _LABELS = flags.DEFINE_list("labels", [], "curves: one label per run (default: dir name).")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
@@ -355,9 +366,10 @@ def curves(runs: list[str], labels: list[str], out: str) -> list:
 
 
 def main(argv):
-  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "curves"):
+  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "mixed", "curves"):
     raise app.UsageError(
-      "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|curves --config FILE[:args] ..."
+      "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|mixed|curves --config "
+      "FILE[:args] ..."
     )
   if argv[1] == "curves":
     for c in curves(_RUNS.value, _LABELS.value, _OUT.value):
@@ -396,6 +408,16 @@ def main(argv):
     except TorchMissingError as e:
       sys.exit(f"error: {e}")
     print(json.dumps(row))
+  elif argv[1] == "mixed":
+    mixed_grid.pareto(
+      config,
+      [int(b) for b in _UNIFORM.value],
+      [float(b) for b in _BUDGETS.value],
+      _SOURCES.value,
+      _OUT.value,
+    )
+    with open(os.path.join(_OUT.value, "pareto.md")) as f:
+      print(f.read())
   elif argv[1] == "ptq":
     ptq_grid.ptq_grid(config, _BITS.value, _OUT.value, observers=tuple(_OBSERVERS.value))
     with open(os.path.join(_OUT.value, "ptq_grid.md")) as f:

@@ -14,6 +14,7 @@ import pytest
 from dfq_test_utils import tiny_config
 
 from dfq_jax import evaluate as evaluate_lib
+from dfq_jax import mixed_grid
 from dfq_jax import run as run_lib
 from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export.workdir import load_student
@@ -309,3 +310,28 @@ def test_activation_budget_and_synthetic_images_train_with_adadfq(tiny_teacher_d
   for a in acts:
     assert student.quant.act_bits(a["path"]) == a["bits"]
   assert top1 == pytest.approx(results["final_top1"], abs=1e-3)
+
+
+def test_pareto_bench_runs_uniform_and_mixed_points_sharing_one_sensitivity(
+  tiny_teacher_dir, tmp_path
+):
+  out = str(tmp_path / "pareto")
+  config = _mixed_config(tiny_teacher_dir, **{"quant.mixed.budget_w_bits": 0.0})
+  points = mixed_grid.pareto(config, [2, 4], [2.5, 4.0], ["noise"], out, log=lambda *a: None)
+  assert [(p["series"], p["label"]) for p in points] == [
+    ("uniform", "W2"),
+    ("uniform", "W4"),
+    ("mixed (noise)", "2.5"),
+    ("mixed (noise)", "4"),
+  ]
+  uniform2, uniform4, mixed25, mixed4 = points
+  assert uniform4["weight_size_kib"] == pytest.approx(2 * uniform2["weight_size_kib"])
+  assert mixed25["avg_w_bits"] <= 2.5 and mixed4["avg_w_bits"] <= 4.0
+  assert mixed4["weight_size_kib"] <= uniform4["weight_size_kib"] + 1e-9
+  with open(os.path.join(out, "noise_w4", mixed.REPORT_FILE)) as f:
+    assert json.load(f)["reused"]  # the second budget reuses the first's sensitivities
+  assert os.path.getsize(os.path.join(out, "pareto.png")) > 10_000
+  assert "| mixed (noise) | 2.5 |" in open(os.path.join(out, "pareto.md")).read()
+  # Rerun: every point is read back.
+  again = mixed_grid.pareto(config, [2, 4], [2.5, 4.0], ["noise"], out, log=lambda *a: None)
+  assert again == points
