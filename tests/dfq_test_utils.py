@@ -66,3 +66,37 @@ def conv_inputs(b, h, w, ci, co, seed=0, out_scale=1):
   bias = jax.random.normal(kb, (co,))
   dy = jax.random.normal(kd, (b, out_scale * h, out_scale * w, co))
   return x, kernel, bias, dy
+
+
+def cli_error(workdir, *args) -> str:
+  """Runs `python -m dfq_jax.main ARGS --workdir=WORKDIR` expecting bad input: asserts
+  exit code 2, no traceback and exactly one `error:` line on stderr; returns that line."""
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+    [sys.executable, "-m", "dfq_jax.main", *args, f"--workdir={workdir}"],
+    capture_output=True,
+    text=True,
+    cwd=root,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  return errors[0]
+
+
+def tiny_cli_args(teacher_dir, method="dsg") -> list[str]:
+  """`tiny_config` as command-line arguments (the demo config, an orbax teacher)."""
+  return [
+    f"--config=configs/demo.py:{method},w4a4",
+    "--config.teacher.layout=orbax",
+    f"--config.teacher.weights={teacher_dir}",
+    "--config.data.limit=64",
+    "--config.total_steps=8",
+  ]

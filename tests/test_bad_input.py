@@ -2,11 +2,12 @@
 
 import json
 import os
+import re
 import stat
 
 import jax
 import pytest
-from dfq_test_utils import tiny_config
+from dfq_test_utils import cli_error, tiny_cli_args, tiny_config
 
 from dfq_jax import run as run_lib
 
@@ -19,6 +20,7 @@ def test_read_only_workdir_is_refused(tiny_teacher_dir, tmp_path):
   ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
   with pytest.raises(PermissionError, match="not writable"):
     run_lib.run(tiny_config(tiny_teacher_dir), str(ro / "w"), log=lambda *a: None)
+  assert "not writable" in cli_error(ro / "w", *tiny_cli_args(tiny_teacher_dir))
 
 
 def test_workdir_path_through_a_file_is_refused(tiny_teacher_dir, tmp_path):
@@ -26,6 +28,7 @@ def test_workdir_path_through_a_file_is_refused(tiny_teacher_dir, tmp_path):
   blocker.write_text("x")
   with pytest.raises(OSError, match="cannot create workdir"):
     run_lib.run(tiny_config(tiny_teacher_dir), str(blocker / "w"), log=lambda *a: None)
+  assert "cannot create workdir" in cli_error(blocker / "w", *tiny_cli_args(tiny_teacher_dir))
 
 
 def test_corrupted_teacher_file_names_the_problem(tiny_teacher_dir, tmp_path):
@@ -36,6 +39,8 @@ def test_corrupted_teacher_file_names_the_problem(tiny_teacher_dir, tmp_path):
   config.teacher.weights, config.teacher.layout = str(bad), "akamaster"
   with pytest.raises(Exception, match="teacher.th"):
     run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
+  args = [*tiny_cli_args(tiny_teacher_dir), f"--config.teacher.weights={bad}"]
+  assert "teacher.th" in cli_error(tmp_path / "cli", *args, "--config.teacher.layout=akamaster")
 
 
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous(tiny_teacher_dir, tmp_path):
@@ -87,6 +92,11 @@ def test_invalid_settings(tiny_teacher_dir, tmp_path, override, message):
   with pytest.raises(Exception, match=message):
     run_lib.run(config, str(tmp_path / "w"), log=lambda *a: None)
   assert not os.path.exists(tmp_path / "w" / "results.json")
+  # Through the CLI: one error line naming it, exit code 2.
+  args = [f"--config.{k}={v}" for k, v in override.items()]
+  line = cli_error(tmp_path / "cli", *tiny_cli_args(tiny_teacher_dir), *args)
+  assert re.search(message, line), line
+  assert not os.path.exists(tmp_path / "cli" / "results.json")
 
 
 def test_batch_not_divisible_by_devices_message():
