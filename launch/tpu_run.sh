@@ -15,4 +15,4 @@ name="$1"; zone="$2"; config="$3"; workdir="$4"; shift 4
 command -v gcloud >/dev/null || { echo "error: gcloud is not installed" >&2; exit 2; }
 extra=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command \
-  ". ~/dfq_venv/bin/activate && cd ~/dfq_jax && DFQ_DISTRIBUTED=1 python -m dfq_jax.main --config '$config' --workdir '$workdir'$extra 2>&1 | tee ~/dfq_\$(hostname).log"
+  "set -o pipefail; . ~/dfq_venv/bin/activate && cd ~/dfq_jax && DFQ_DISTRIBUTED=1 python -m dfq_jax.main --config '$config' --workdir '$workdir'$extra 2>&1 | tee ~/dfq_\$(hostname).log"
