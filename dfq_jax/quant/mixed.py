@@ -530,8 +530,9 @@ def summary(report: dict) -> dict:
 
 
 def write_plot(path: str, report: dict) -> None:
-  """Per-layer bit-widths (bars) and sensitivities (log scale, one line per bit-width)."""
-  layers = report["layers"]
+  """Per-layer bit-widths (bars) and sensitivities (log scale, one line per bit-width) of
+  the allocated quantizers."""
+  layers = [layer for layer in report["layers"] if layer["allocated"]]
   fig = Figure(figsize=(max(8.0, 0.32 * len(layers)), 7.0))
   FigureCanvasAgg(fig)
   top, bottom = fig.subplots(2, 1, sharex=True)
