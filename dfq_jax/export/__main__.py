@@ -3,7 +3,7 @@ r"""python -m dfq_jax.export --workdir DIR --out model.onnx [--which final|best]
 
 Exports the student of the finished run in DIR (a training run: its last checkpoint, or
 --which best; an eval or PTQ run: its calibrated student) as QDQ ONNX with BatchNorm folded
-(dfq_jax/export/onnx_resnet_cifar.py). The model's metadata_props carry the input mean/std,
+(dfq_jax/export/onnx_models.py). The model's metadata_props carry the input mean/std,
 the class count, the bits, the method and the dfq_jax version. Nothing in DIR is changed;
 an existing --out is refused unless --overwrite. With --evaluate, the exported model runs
 in ONNX Runtime on the run's real evaluation set beside dfq_jax's own evaluation of the same
@@ -25,10 +25,9 @@ from dfq_jax import evaluate as evaluate_lib
 from dfq_jax import xla_options
 from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export import runtime
-from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar
+from dfq_jax.export.onnx_models import SUPPORTED, export_model
 from dfq_jax.export.workdir import load_student, read_config
 from dfq_jax.models import teacher as teacher_lib
-from dfq_jax.models.resnet_cifar import ResNetCifar
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
 _OUT = flags.DEFINE_string("out", None, "The .onnx file to write.")
@@ -60,9 +59,10 @@ def export(
     student, variables = teacher_lib.teacher_model(config), teacher_lib.load_teacher(config)
   else:
     config, student, variables = load_student(workdir, which)
-  if not isinstance(student, ResNetCifar):
+  if not isinstance(student, SUPPORTED):
     raise ExportError(
-      f"export supports the CIFAR ResNets so far; {config.teacher.model!r} is not one of them yet."
+      f"export supports the CIFAR and ImageNet ResNets and MobileNetV2; "
+      f"{config.teacher.model!r} is not one of them."
     )
   norm = eval_set_lib.normalization(config)
   metadata = {
@@ -75,7 +75,7 @@ def export(
     "which": "teacher" if teacher else which,
     "dfq_jax_version": importlib.metadata.version("dfq_jax"),
   }
-  model = export_resnet_cifar(student, variables, metadata)
+  model = export_model(student, variables, metadata)
   data = model.SerializeToString()
   tmp = f"{out}.tmp-{os.getpid()}"
   with open(tmp, "wb") as f:

@@ -19,7 +19,7 @@ from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
 from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
 from dfq_jax.export import qdq, runtime  # noqa: E402
-from dfq_jax.export.onnx_resnet_cifar import export_resnet_cifar  # noqa: E402
+from dfq_jax.export.onnx_models import export_model  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
 from dfq_jax.models import get_model  # noqa: E402
 from dfq_jax.models import teacher as teacher_lib  # noqa: E402
@@ -46,12 +46,15 @@ def test_integer_weights_dequantize_to_the_fake_quantized_kernel(bits, mode):
   )
 
 
-def _student(shortcut, bits, negative_gamma=True, weight_mode="asymmetric"):
-  """A ResNet-8 student with non-trivial BN (some scales negative) and calibrated ranges."""
+def _student(
+  shortcut, bits, negative_gamma=True, weight_mode="asymmetric", name="resnet8_cifar", size=16
+):
+  """A student with non-trivial BN (some scales negative) and calibrated ranges."""
   policy = QuantPolicy(w_bits=bits, a_bits=bits, weight_mode=weight_mode)
-  teacher = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut)
-  student = get_model("resnet8_cifar", num_classes=10, shortcut=shortcut, quant=policy)
-  tv = teacher.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  kwargs = {"shortcut": shortcut} if name.endswith("_cifar") else {}
+  teacher = get_model(name, num_classes=10, **kwargs)
+  student = get_model(name, num_classes=10, quant=policy, **kwargs)
+  tv = teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   keys = iter(jax.random.split(jax.random.key(3), 1000))
 
   def perturb(path, a):
@@ -66,42 +69,71 @@ def _student(shortcut, bits, negative_gamma=True, weight_mode="asymmetric"):
     "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
     "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
   }
-  x = jax.random.normal(jax.random.key(1), (64, 16, 16, 3))
-  return student, jax.device_get(calibrated_student(student, tv, (16, 16, 3), [x])), x
+  x = jax.random.normal(jax.random.key(1), (64 if size == 16 else 16, size, size, 3))
+  return student, jax.device_get(calibrated_student(student, tv, (size, size, 3), [x])), x
 
 
 @pytest.mark.parametrize(
-  "shortcut, bits, weight_mode",
+  "name, shortcut, bits, weight_mode",
   [
-    ("A", 4, "asymmetric"),
-    ("A", 8, "asymmetric"),
-    ("B", 4, "asymmetric"),
-    ("B", 8, "asymmetric"),
-    ("A", 8, "symmetric"),
+    ("resnet8_cifar", "A", 4, "asymmetric"),
+    ("resnet8_cifar", "A", 8, "asymmetric"),
+    ("resnet8_cifar", "B", 4, "asymmetric"),
+    ("resnet8_cifar", "B", 8, "asymmetric"),
+    ("resnet8_cifar", "A", 8, "symmetric"),
+    # ImageNet families at 32x32 (the final pool is global): basic blocks, both bottleneck
+    # stride placements, MobileNetV2 in both layouts (depthwise convs, ReLU6, linear
+    # bottlenecks; pytorchcv's bias-free classifier).
+    ("resnet18", "", 4, "asymmetric"),
+    ("mobilenetv2", "", 4, "asymmetric"),
+    ("resnet50", "", 4, "asymmetric"),
+    ("resnet50_torchvision", "", 8, "symmetric"),
+    ("mobilenetv2_torchvision", "", 8, "asymmetric"),
   ],
 )
-def test_onnxruntime_logits_equal_dfq_jax(shortcut, bits, weight_mode):
-  student, variables, x = _student(shortcut, bits, weight_mode=weight_mode)
+def test_onnxruntime_logits_equal_dfq_jax(name, shortcut, bits, weight_mode):
+  size = 16 if name.endswith("_cifar") else 32
+  student, variables, x = _student(shortcut, bits, weight_mode=weight_mode, name=name, size=size)
   ours = np.asarray(student.apply(variables, x))
-  model = export_resnet_cifar(student, variables, {"bits": str(bits)})
+  model = export_model(student, variables, {"bits": str(bits)})
   nchw = np.transpose(np.asarray(x), (0, 3, 1, 2))
   # As written (no ORT rewrites): the same arithmetic up to float32 rounding of the scales.
   plain = runtime.session(model.SerializeToString(), optimize=False).run(None, {"input": nchw})[0]
   # Nearly every logit to float32 rounding; a rounding tie of one activation (x / Δ vs s * x)
   # moves a few by at most a quantization step.
   scale = np.abs(ours).max()
+  fast = runtime.session(model.SerializeToString()).run(None, {"input": nchw})[0]
+  if name.startswith("resnet50"):
+    # 50 layers carry a flipped tie on through ~16 further quantizers (measured: 19-88 % of
+    # the logits to float32 rounding, mean error 0.2-1 % of the largest logit; random
+    # weights make near-equal logits): the predictions, and the logits on average.
+    assert np.mean(plain.argmax(1) == ours.argmax(1)) >= 0.9
+    assert np.abs(plain - ours).mean() < 2e-2 * scale
+    assert np.mean(fast.argmax(1) == ours.argmax(1)) >= 0.8
+    return
   assert np.mean(np.abs(plain - ours) < 1e-5 * scale) > 0.85
   assert np.abs(plain - ours).max() < 1e-2 * scale
   # ORT's optimised graph (folded weights, fused convs) rounds differently; predictions agree.
-  fast = runtime.session(model.SerializeToString()).run(None, {"input": nchw})[0]
   assert np.mean(fast.argmax(1) == ours.argmax(1)) >= 0.95
   assert np.abs(fast - ours).max() < 0.1 * np.abs(ours).max()  # a few rounding flips
 
 
-def test_range_without_zero_is_refused_with_the_layer_named():
-  with pytest.raises(ValueError, match="weights of conv1.*does not contain 0"):
+def test_a_weight_range_without_zero_is_stored_in_int16_and_activations_are_refused():
+  # A channel whose weights share a sign (a depthwise 3x3 kernel has only 9): zero point
+  # outside int8, exact in int16.
+  kernel = np.array([[1.0, 0.0], [2.0, -1.0], [1.5, 0.5]], np.float32)  # channel 0 in [1, 2]
+  q, delta, z = qdq.quantized_weight(kernel, 8)
+  q, z = qdq.weight_storage(q, z, "weights of dw")
+  assert q.dtype == z.dtype == np.int16
+  np.testing.assert_allclose(
+    (q.astype(np.float32) - z) * delta, np.asarray(numerics.quantize_weight(kernel, 8)), atol=1e-6
+  )
+  far = qdq.affine_params(np.float32([1000.0]), np.float32([1000.001]), 8)[1]
+  with pytest.raises(ValueError, match="weights of conv1.*does not fit int16"):
+    qdq.weight_storage(np.zeros(1), far, "weights of conv1")
+  with pytest.raises(ValueError, match="activation act1.*does not contain 0"):
     qdq.check_zero_point(
-      qdq.affine_params(np.float32(1.0), np.float32(2.0), 8)[1][None], "weights of conv1"
+      qdq.affine_params(np.float32(1.0), np.float32(2.0), 8)[1][None], "activation act1"
     )
 
 
