@@ -54,7 +54,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfq_jax import config_base, mixed_grid, networks, ptq_grid, trainer
@@ -366,6 +366,8 @@ def curves(runs: list[str], labels: list[str], out: str) -> list:
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # runs print progress and results, not INFO
   if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "mixed", "curves"):
     raise app.UsageError(
       "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|mixed|curves --config "
