@@ -7,6 +7,7 @@ process and with many (`jax.distributed`), where an array may span other process
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 
@@ -83,3 +84,43 @@ def exists_on_all_processes(path: str) -> bool:
   if jax.process_count() > 1:
     exists = bool(multihost_utils.broadcast_one_to_all(np.asarray(exists)))
   return exists
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_same_on_all_processes(settings: dict) -> None:
+  """Raises ValueError on every process when some process was started with other
+  `settings` (a JSON-able dict: the config, the workdir) than process 0.
+
+  A process with another config would reach other collectives and hang the job; the
+  message names the differing keys (on the differing process) and the processes (on all).
+  """
+  if jax.process_count() == 1:
+    return
+  mine = json.dumps(settings, sort_keys=True, default=str).encode()
+  size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(mine), np.int32)))
+  buffer = np.zeros(size, np.uint8)
+  buffer[: min(size, len(mine))] = np.frombuffer(mine[:size], np.uint8)
+  first = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8))
+  differs = first != mine
+  flags_ = np.asarray(multihost_utils.process_allgather(np.asarray(differs, np.int32)))
+  if not flags_.any():
+    return
+  others = [i for i, f in enumerate(flags_.reshape(-1)) if f]
+  detail = ""
+  if differs:
+    a, b = _flat(json.loads(first)), _flat(settings)
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    detail = f" (this is process {jax.process_index()}; differing: {', '.join(keys)})"
+  raise ValueError(
+    f"process(es) {others} were started with another config or workdir than process 0"
+    f"{detail}: start every process with the same command."
+  )

@@ -21,7 +21,16 @@ import jax
 import ml_collections
 
 from dfq_jax import checkpoint as checkpoint_lib
-from dfq_jax import config_base, generators, methods, networks, schedule, trainer, xla_options
+from dfq_jax import (
+  config_base,
+  generators,
+  methods,
+  networks,
+  parallel,
+  schedule,
+  trainer,
+  xla_options,
+)
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import step as step_lib
 from dfq_jax.data import eval_set as eval_set_lib
@@ -221,6 +230,8 @@ def run(
   t0 = time.perf_counter()
   with _input_stage():
     validate_config(config)
+    settings = {"config": json.loads(config.to_json()), "workdir": workdir, "restart": restart}
+    parallel.check_same_on_all_processes(settings)
     prepare_workdir(workdir, config, restart)
     norm = eval_set_lib.normalization(config)
     eval_set = eval_set_lib.load_eval_set(config)

@@ -173,3 +173,32 @@ def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
   x, y = (np.load(tmp_path / d / "synthetic.npz") for d in ("one", "two"))
   np.testing.assert_array_equal(x["labels"], y["labels"])
   np.testing.assert_allclose(y["images"], x["images"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_process_started_with_another_config_is_refused_by_name(tiny_teacher_dir, tmp_path):
+  """No hang at the first collective: every process stops with one error line, exit 2."""
+  workdir = tmp_path / "w"
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      _args(tiny_teacher_dir, workdir)
+      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+      + (["--config.seed=1"] if i == 1 else []),
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  errors = []
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    errors.append(lines[0])
+  assert all("process(es) [1] were started with another config" in e for e in errors)
+  assert "differing: config.seed" in errors[1]
+  assert not (workdir / "config.json").exists()  # refused before anything was written
