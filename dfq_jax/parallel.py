@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -86,16 +87,6 @@ def exists_on_all_processes(path: str) -> bool:
   return exists
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def check_same_on_all_processes(settings: dict) -> None:
   """Raises ValueError on every process when some process was started with other
   `settings` (a JSON-able dict: the config, the workdir) than process 0.
@@ -117,7 +108,8 @@ def check_same_on_all_processes(settings: dict) -> None:
   others = [i for i, f in enumerate(flags_.reshape(-1)) if f]
   detail = ""
   if differs:
-    a, b = _flat(json.loads(first)), _flat(settings)
+    a = traverse_util.flatten_dict(json.loads(first), sep=".")
+    b = traverse_util.flatten_dict(json.loads(mine), sep=".")
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     detail = f" (this is process {jax.process_index()}; differing: {', '.join(keys)})"
   raise ValueError(

@@ -19,6 +19,7 @@ import time
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from dfq_jax import checkpoint as checkpoint_lib
 from dfq_jax import (
@@ -98,17 +99,6 @@ def validate_config(config) -> None:
       )
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 # What a run writes once it has started working; a workdir with none of them holds no run.
 RUN_OUTPUTS = (
   "checkpoints",
@@ -141,7 +131,7 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict, restart: bo
       # In today's schema, so a run saved by an earlier version resumes unless a value
       # really differs.
       old = json.loads(config_base.from_saved(json.load(f)).to_json())
-    a, b = _flatten(old), _flatten(new)
+    a, b = (traverse_util.flatten_dict(d, sep=".") for d in (old, new))
     changed = sorted(
       k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in _RESUMABLE_KEYS
     )
