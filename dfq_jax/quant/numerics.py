@@ -115,12 +115,17 @@ def quantize_weight(w: jax.Array, bits: int, mode: str = "asymmetric") -> jax.Ar
   return fake_quant_ste(w, bits, lo, hi)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _symmetric_ste(w: jax.Array, bits: int, m: jax.Array) -> jax.Array:
-  """Symmetric per-channel fake quantization (zero point 0), straight-through backward."""
+def _symmetric_fake_quant(w: jax.Array, bits, m: jax.Array) -> jax.Array:
+  """Symmetric per-channel fake quantization (zero point 0) with |w| <= m, no STE."""
   q_max = 2.0 ** (bits - 1) - 1.0
   scale = q_max / jnp.maximum(m, 1e-8)
   return (jnp.clip(jnp.round(scale * w), -q_max, q_max) / scale).astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _symmetric_ste(w: jax.Array, bits: int, m: jax.Array) -> jax.Array:
+  """`_symmetric_fake_quant` with a straight-through backward."""
+  return _symmetric_fake_quant(w, bits, m)
 
 
 _symmetric_ste.defvjp(
@@ -230,13 +235,8 @@ def probe_fake_quant(x: jax.Array, bits: jax.Array, lo: jax.Array, hi: jax.Array
   to `asym_fake_quant(x, int(bits), lo, hi)` for bits in 2..8.
   """
   bits = jnp.asarray(bits, jnp.float32)
-  k = jnp.minimum(bits, float(MAX_BITS))
-  n = 2.0**k - 1.0
-  half = 2.0 ** (k - 1.0)
-  scale = n / jnp.maximum(hi - lo, 1e-8)
-  zero_point = jnp.round(scale * lo) + half
-  q = jnp.clip(jnp.round(scale * x - zero_point), -half, half - 1.0)
-  return jnp.where(bits >= 32.0, x, ((q + zero_point) / scale).astype(x.dtype))
+  q = asym_fake_quant(x, jnp.minimum(bits, float(MAX_BITS)), lo, hi)
+  return jnp.where(bits >= 32.0, x, q)
 
 
 def probe_quantize_weight(w: jax.Array, bits: jax.Array, mode: str = "asymmetric") -> jax.Array:
@@ -244,9 +244,8 @@ def probe_quantize_weight(w: jax.Array, bits: jax.Array, mode: str = "asymmetric
   lo, hi = weight_range(w)
   bits = jnp.asarray(bits, jnp.float32)
   if mode == "symmetric":
-    q_max = 2.0 ** (jnp.minimum(bits, float(MAX_BITS)) - 1.0) - 1.0
-    scale = q_max / jnp.maximum(jnp.maximum(jnp.abs(lo), jnp.abs(hi)), 1e-8)
-    q = (jnp.clip(jnp.round(scale * w), -q_max, q_max) / scale).astype(w.dtype)
+    m = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    q = _symmetric_fake_quant(w, jnp.minimum(bits, float(MAX_BITS)), m)
     return jnp.where(bits >= 32.0, w, q)
   if mode != "asymmetric":
     raise ValueError(f"weight mode {mode!r} is unknown: use one of {WEIGHT_MODES}.")
