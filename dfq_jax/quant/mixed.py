@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import parallel, xla_options
-from dfq_jax.config_base import PTQ_PRESETS
+from dfq_jax.config_base import apply_ptq_preset
 from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.models.teacher import teacher_model
 from dfq_jax.ptq import synthesis
@@ -365,11 +365,9 @@ def sensitivity_images(config, spec: MixedSpec, teacher_vars, image_shape, norm,
   elif spec.source == "real":
     images = eval_set_lib.real_images(config, norm, config.calib.split, n)
   else:
-    hp = synthesis.PtqHparams.from_config(config)
-    hp = dataclasses.replace(
-      hp,
-      **{k: v for k, v in PTQ_PRESETS[f"{spec.source}_ptq"].items() if hasattr(hp, k)},
-    )
+    preset = copy.deepcopy(config)
+    apply_ptq_preset(preset, f"{spec.source}_ptq")  # the PTQ method's synthesis settings
+    hp = synthesis.PtqHparams.from_config(preset)
     hp = dataclasses.replace(hp, batches=-(-n // hp.batch_size))
     key = jax.random.fold_in(jax.random.key(config.seed), 17)
     synth = synthesis.make_synthesizer(
