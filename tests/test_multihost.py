@@ -56,6 +56,24 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _two_processes(commands, timeout=600):
+  """Runs commands[i] as process i of a 2-process job (2 CPU devices each); returns the
+  processes and their (stdout, stderr)."""
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [*cmd, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i, cmd in enumerate(commands)
+  ]
+  return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -69,20 +87,7 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
 
   two = tmp_path / "two"
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      _args(tiny_teacher_dir, two)
-      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT,
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=600) for p in procs]
+  procs, outs = _two_processes([_args(tiny_teacher_dir, two)] * 2)
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   # Process 0 prints the results; process 1 works silently.
@@ -151,21 +156,8 @@ def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
     args(tmp_path / "one"), cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      args(tmp_path / "two")
-      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT,
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
+  procs, outs = _two_processes([args(tmp_path / "two")] * 2)
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
   for key in ("fp_top1", "quant_top1_before", "final_top1", "synthetic_images"):
@@ -178,21 +170,8 @@ def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
 def test_a_process_started_with_another_config_is_refused_by_name(tiny_teacher_dir, tmp_path):
   """No hang at the first collective: every process stops with one error line, exit 2."""
   workdir = tmp_path / "w"
-  port = _free_port()
-  procs = [
-    subprocess.Popen(
-      _args(tiny_teacher_dir, workdir)
-      + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-      + (["--config.seed=1"] if i == 1 else []),
-      cwd=ROOT,
-      env=_env(2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=300) for p in procs]
+  args = _args(tiny_teacher_dir, workdir)
+  procs, outs = _two_processes([args, [*args, "--config.seed=1"]], timeout=300)
   errors = []
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 2, err[-3000:]

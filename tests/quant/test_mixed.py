@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dfq_test_utils import tiny_config
+from dfq_test_utils import set_values, tiny_config
 
 from dfq_jax import evaluate as evaluate_lib
 from dfq_jax import mixed_grid
@@ -152,13 +152,7 @@ def _mixed_config(teacher_dir, **values):
   config.quant.mixed.budget_w_bits = 3.0
   config.quant.mixed.source = "noise"
   config.quant.mixed.images = 16
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return set_values(config, **values)
 
 
 @pytest.mark.parametrize(
