@@ -19,6 +19,7 @@ from dfq_jax import run as run_lib
 from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export.workdir import load_student
 from dfq_jax.models import get_model
+from dfq_jax.models import teacher as teacher_lib
 from dfq_jax.quant import mixed, numerics
 from dfq_jax.quant.config import parse_rules
 from dfq_jax.quant.layers import FULL_PRECISION, PROBE_BITS, QuantPolicy
@@ -329,3 +330,20 @@ def test_pareto_bench_runs_uniform_and_mixed_points_sharing_one_sensitivity(
   # Rerun: every point is read back.
   again = mixed_grid.pareto(config, [2, 4], [2.5, 4.0], ["noise"], out, log=lambda *a: None)
   assert again == points
+
+
+@pytest.mark.parametrize("source", mixed.SOURCES)
+def test_every_image_source_gives_the_asked_images(tiny_teacher_dir, source):
+  config = _mixed_config(
+    tiny_teacher_dir, **{"quant.mixed.source": source, "ptq.steps": 2, "ptq.batch_size": 8}
+  )
+  spec = mixed.spec_from_config(config)
+  norm = eval_set_lib.normalization(config)
+  images, seconds = mixed.sensitivity_images(
+    config, spec, teacher_lib.load_teacher(config), SHAPE, norm, log=lambda *a: None
+  )
+  assert images.shape == (16, *SHAPE) and images.dtype == np.float32
+  assert np.isfinite(images).all() and images.std() > 0 and seconds >= 0
+  if source == "real":  # the calib.split images, normalised as the evaluation does
+    real = eval_set_lib.real_images(config, norm, config.calib.split, 16)
+    np.testing.assert_array_equal(images, real)
