@@ -125,6 +125,10 @@ def _add_quantization(c: ml_collections.ConfigDict) -> None:
   c.quant.rules = ""  # "regex=wXaY;regex2=w8" per-layer overrides (32 = FP)
   c.quant.weight_mode = "asymmetric"  # asymmetric (per-channel min/max, the papers') |
   # symmetric (zero point 0: int8 engines)
+  c.quant.deploy = False  # the int8-engine deployment quantizer (needs symmetric weights;
+  # config argument 'deploy' sets both): also quantizes the input, the conv outputs that meet
+  # a residual sum and the pooled features, so the ONNX export runs integer kernels
+  c.quant.deploy_bits = 8  # bit-width of those extra quantizers
   c.quant.range_mode = "bias_corrected"  # bias_corrected (the GDFQ-family EMA) | ema |
   # minmax
 
@@ -325,10 +329,12 @@ def apply_flags(config: ml_collections.ConfigDict, flags: list[str]) -> None:
       config.quant.w_bits, config.quant.a_bits = int(m.group(1)), int(m.group(2))
     elif flag == "parity":
       apply_parity(config)
+    elif flag == "deploy":
+      config.quant.deploy, config.quant.weight_mode = True, "symmetric"
     else:
       raise ValueError(
         f"config argument {flag!r} is unknown: use a method ({', '.join(METHODS)}), "
-        "bits like w4a4, 'parity', or key=value."
+        "bits like w4a4, 'parity', 'deploy', or key=value."
       )
   if config.method in PTQ_METHODS:
     apply_ptq_preset(config, config.method)

@@ -100,3 +100,35 @@ def tiny_cli_args(teacher_dir, method="dsg") -> list[str]:
     "--config.data.limit=64",
     "--config.total_steps=8",
   ]
+
+
+def perturbed_student(name, policy, shortcut="A", negative_gamma=True, size=16):
+  """(student, calibrated variables, images) of model `name` with random weights, BN
+  made non-trivial (shifted statistics, some scales negative) and ranges calibrated on
+  N(0, 1) images [64 (CIFAR) or 16, size, size, 3]."""
+  import jax
+  import jax.numpy as jnp
+
+  from dfq_jax.models import get_model
+  from dfq_jax.quant.calibration import calibrated_student
+
+  kwargs = {"shortcut": shortcut} if name.endswith("_cifar") else {}
+  teacher = get_model(name, num_classes=10, **kwargs)
+  student = get_model(name, num_classes=10, quant=policy, **kwargs)
+  tv = teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  keys = iter(jax.random.split(jax.random.key(3), 1000))
+
+  def perturb(path, a):
+    key = jax.tree_util.keystr(path)
+    if "bn" not in key:
+      return a
+    if "scale" in key and negative_gamma:
+      return a * jnp.where(jax.random.uniform(next(keys), a.shape) < 0.2, -1.0, 1.0)
+    return a + 0.3 * jax.random.uniform(next(keys), a.shape)
+
+  tv = {
+    "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
+    "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
+  }
+  x = jax.random.normal(jax.random.key(1), (64 if size == 16 else 16, size, size, 3))
+  return student, jax.device_get(calibrated_student(student, tv, (size, size, 3), [x])), x

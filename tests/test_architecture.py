@@ -51,6 +51,8 @@ LAYERS = {
   "dfq_jax.export.qdq": 0,
   "dfq_jax.export.runtime": 0,
   "dfq_jax.export.onnx_graph": 1,
+  "dfq_jax.export.integer_graph": 1,
+  "dfq_jax.export.integer_reference": 0,
   "dfq_jax.export.onnx_models": 2,
   "dfq_jax.export.__main__": 6,
   "dfq_jax.main": 6,

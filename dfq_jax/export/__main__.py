@@ -8,7 +8,9 @@ the class count, the bits, the method and the dfq_jax version. Nothing in DIR is
 an existing --out is refused unless --overwrite. With --evaluate, the exported model runs
 in ONNX Runtime on the run's real evaluation set beside dfq_jax's own evaluation of the same
 student, and one JSON line reports both top-1, their prediction agreement and the kernels
-ONNX Runtime's optimised graph runs.
+ONNX Runtime's optimised graph runs. A student of the deployment quantizer (quant.deploy)
+exports as the integer graph (export/integer_graph.py), which ONNX Runtime runs on integer
+kernels; --evaluate then also compares them with the integer reference on 500 images.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from absl import app, flags, logging
 from dfq_jax import evaluate as evaluate_lib
 from dfq_jax import xla_options
 from dfq_jax.data import eval_set as eval_set_lib
-from dfq_jax.export import runtime
-from dfq_jax.export.onnx_models import SUPPORTED, export_model
+from dfq_jax.data.preprocess import normalize
+from dfq_jax.export import integer_reference, runtime
+from dfq_jax.export.onnx_models import SUPPORTED, export_model, integer_program
 from dfq_jax.export.workdir import load_student, read_config
 from dfq_jax.models import teacher as teacher_lib
 
@@ -73,6 +76,9 @@ def export(
     "bits": student.quant.describe() if student.quant else "float32 (teacher)",
     "method": config.method,
     "which": "teacher" if teacher else which,
+    "graph": "integer (uint8 activations, int8 weights: QLinearConv in ONNX Runtime)"
+    if student.quant is not None and student.quant.deploy
+    else "QDQ (fake-quantized, float kernels)",
     "dfq_jax_version": importlib.metadata.version("dfq_jax"),
   }
   model = export_model(student, variables, metadata)
@@ -110,7 +116,7 @@ def compare_on_eval_set(config, student, variables, data: bytes) -> dict:
     norm.std,
     config.data.eval_batch_size,
   ).argmax(axis=1)
-  return {
+  report = {
     "eval_images": len(ds),
     "dfq_jax_top1": 100 * float(ours.top1[0]),
     "onnxruntime_top1": 100 * float(np.mean(ort_pred == ds.labels)),
@@ -123,6 +129,33 @@ def compare_on_eval_set(config, student, variables, data: bytes) -> dict:
     "latency_batch100_s": runtime.latency(
       runtime.session(data), (100, config.channels, config.image_size, config.image_size)
     ),
+  }
+  if student.quant is not None and student.quant.deploy:
+    report.update(_against_integer_reference(student, variables, ds.images, norm, ort_logits))
+  return report
+
+
+REFERENCE_IMAGES = 500  # the numpy integer reference is slow: the first images only
+
+
+def _against_integer_reference(student, variables, images, norm, ort_logits) -> dict:
+  """ORT's integer kernels vs integer_reference.run on the first REFERENCE_IMAGES images."""
+  _, ops = integer_program(student, variables, {})
+  n = min(REFERENCE_IMAGES, len(images))
+  ref = np.concatenate(
+    [
+      integer_reference.run(
+        ops, normalize(images[i : i + 100], norm.mean, norm.std).transpose(0, 3, 1, 2)
+      )
+      for i in range(0, n, 100)
+    ]
+  )
+  diff = np.abs(ref - ort_logits[:n])
+  return {
+    "integer_reference_images": n,
+    "integer_reference_prediction_agreement": 100
+    * float(np.mean(ref.argmax(1) == ort_logits[:n].argmax(1))),
+    "integer_reference_images_equal": 100 * float(np.mean(diff.max(1) <= 1e-6 * np.abs(ref).max())),
   }
 
 

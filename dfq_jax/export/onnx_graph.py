@@ -73,14 +73,19 @@ class GraphBuilder:
       axis=0 if conv else 1,
     )
 
+  def folded(self, conv: str, bn: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(kernel HWIO, γ [C], bias [C]) with BN(conv(x, W)) = conv(x, γ ⊙ W) + bias."""
+    kernel = np.asarray(_node(self.params, conv)["kernel"], np.float32)
+    p, s = _node(self.params, bn), _node(self.stats, bn)
+    gamma = np.asarray(p["scale"], np.float32) / np.sqrt(np.asarray(s["var"], np.float32) + BN_EPS)
+    bias = np.asarray(p["bias"], np.float32) - gamma * np.asarray(s["mean"], np.float32)
+    return kernel, gamma, bias
+
   def conv_bn(
     self, x: str, conv: str, bn: str, stride: int, role: str = "", groups: int = 1
   ) -> str:
     """QConv (PyTorch padding k // 2) + BatchNorm, folded into one Conv."""
-    kernel = np.asarray(_node(self.params, conv)["kernel"], np.float32)  # HWIO
-    p, s = _node(self.params, bn), _node(self.stats, bn)
-    gamma = np.asarray(p["scale"], np.float32) / np.sqrt(np.asarray(s["var"], np.float32) + BN_EPS)
-    bias = np.asarray(p["bias"], np.float32) - gamma * np.asarray(s["mean"], np.float32)
+    kernel, gamma, bias = self.folded(conv, bn)
     w = self.weight(conv, kernel, gamma, role)
     kh, kw = kernel.shape[:2]
     return self.op(
@@ -93,12 +98,13 @@ class GraphBuilder:
       group=groups,
     )
 
-  def quant_act(self, x: str, path: str) -> str:
-    bits = self.policy.act_bits(path)
+  def quant_act(self, x: str, path: str, deploy: bool = False) -> str:
+    bits = self.policy.act_bits(path, deploy)
     if bits is None:
       return x
     r = _node(self.ranges, path)
-    delta, z = qdq.affine_params(r["x_min"], r["x_max"], bits)
+    lo, hi = self.policy.act_range(np.float32(r["x_min"]), np.float32(r["x_max"]))
+    delta, z = qdq.affine_params(lo, hi, bits)
     z = qdq.check_zero_point(np.asarray(z).reshape(()), f"activation {path}")
     if bits < 8:
       half = 2.0 ** (bits - 1)
@@ -111,8 +117,35 @@ class GraphBuilder:
     y = self.op("QuantizeLinear", [x, scale, zero], f"{path}/q")
     return self.op("DequantizeLinear", [y, scale, zero], f"{path}/dq")
 
+  def deploy_act(self, x: str, path: str) -> str:
+    """A deployment quantizer (`QuantAct(deploy=True)`): the identity unless it deploys."""
+    return self.quant_act(x, path, deploy=True)
+
   def relu(self, x: str, base: str) -> str:
     return self.op("Relu", [x], base)
+
+  def add(self, a: str, b: str, base: str) -> str:
+    return self.op("Add", [a, b], base)
+
+  def max_pool(self, x: str) -> str:
+    """torch's MaxPool2d(3, 2, 1) (ONNX pads are ignored by the max, like torch's -inf)."""
+    return self.op("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
+
+  def shortcut_a(self, x: str, name: str, in_planes: int, planes: int, stride: int) -> str:
+    """Option A (x[:, ::2, ::2] and planes // 4 zero channels on each side) as a fixed
+    1x1 stride-2 conv with 0/1 weights: exact in float, and a plain conv for ORT's QDQ
+    passes (its QDQ propagation through Slice/Pad builds an ill-typed QuantizeLinear,
+    ORT 1.32)."""
+    pad = planes // 4
+    select = np.zeros((planes, in_planes, 1, 1), np.float32)
+    select[np.arange(in_planes) + pad, np.arange(in_planes), 0, 0] = 1.0
+    return self.op(
+      "Conv",
+      [x, self.const(f"{name}/short_select", select)],
+      f"{name}/shortcut",
+      strides=[stride, stride],
+      kernel_shape=[1, 1],
+    )
 
   def relu6(self, x: str, base: str) -> str:
     zero, six = (
@@ -124,6 +157,7 @@ class GraphBuilder:
   def classifier(self, x: str, path: str) -> str:
     """Global average pool, flatten and the (role 'last') dense layer: the logits."""
     pooled = self.op("Flatten", [self.op("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+    pooled = self.deploy_act(pooled, "pool_act")
     p = _node(self.params, path)
     kernel = np.asarray(p["kernel"], np.float32)  # [in, out]
     inputs = [pooled, self.weight(path, kernel, np.ones(kernel.shape[-1], np.float32), "last")]

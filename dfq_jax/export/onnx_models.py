@@ -12,9 +12,9 @@ are onnx_graph.py's.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 
+from dfq_jax.export.integer_graph import IntegerGraphBuilder
 from dfq_jax.export.onnx_graph import GraphBuilder
 from dfq_jax.models.mobilenet_v2 import MobileNetV2, block_specs
 from dfq_jax.models.resnet_cifar import ResNetCifar
@@ -23,33 +23,22 @@ from dfq_jax.models.resnet_imagenet import RESNET_SPECS, ResNet
 SUPPORTED = (ResNetCifar, ResNet, MobileNetV2)
 
 
-def _shortcut_a(g: GraphBuilder, x: str, name: str, in_planes: int, planes: int, stride: int):
-  # Option A (x[:, ::2, ::2] and zero channels on both sides) as a fixed 1x1 stride-2
-  # conv with 0/1 weights: exact in float, and a plain conv for ORT's QDQ passes (its
-  # QDQ propagation through Slice/Pad builds an ill-typed QuantizeLinear, ORT 1.32).
-  pad = planes // 4
-  select = np.zeros((planes, in_planes, 1, 1), np.float32)
-  select[np.arange(in_planes) + pad, np.arange(in_planes), 0, 0] = 1.0
-  return g.op(
-    "Conv",
-    [x, g.const(f"{name}/short_select", select)],
-    f"{name}/shortcut",
-    strides=[stride, stride],
-    kernel_shape=[1, 1],
-  )
+def _projection(g, x, name, stride):
+  short = g.conv_bn(x, f"{name}/shortcut_conv", f"{name}/shortcut_bn", stride)
+  return g.deploy_act(short, f"{name}/shortcut_act")
 
 
 def _basic_block(g, x, name, in_planes, planes, stride, shortcut):
   out = g.relu(g.conv_bn(x, f"{name}/conv1", f"{name}/bn1", stride), f"{name}/relu1")
   out = g.quant_act(out, f"{name}/act1")
-  out = g.conv_bn(out, f"{name}/conv2", f"{name}/bn2", 1)
+  out = g.deploy_act(g.conv_bn(out, f"{name}/conv2", f"{name}/bn2", 1), f"{name}/conv2_act")
   if stride == 1 and in_planes == planes:
     short = x
   elif shortcut == "B":
-    short = g.conv_bn(x, f"{name}/shortcut_conv", f"{name}/shortcut_bn", stride)
+    short = _projection(g, x, name, stride)
   else:
-    short = _shortcut_a(g, x, name, in_planes, planes, stride)
-  out = g.relu(g.op("Add", [out, short], f"{name}/add"), f"{name}/relu2")
+    short = g.shortcut_a(x, name, in_planes, planes, stride)
+  out = g.relu(g.add(out, short, f"{name}/add"), f"{name}/relu2")
   return g.quant_act(out, f"{name}/act2")
 
 
@@ -59,17 +48,18 @@ def _bottleneck(g, x, name, in_planes, planes, stride, conv1_stride):
   out = g.quant_act(out, f"{name}/act1")
   out = g.relu(g.conv_bn(out, f"{name}/conv2", f"{name}/bn2", s2), f"{name}/relu2")
   out = g.quant_act(out, f"{name}/act2")
-  out = g.conv_bn(out, f"{name}/conv3", f"{name}/bn3", 1)
+  out = g.deploy_act(g.conv_bn(out, f"{name}/conv3", f"{name}/bn3", 1), f"{name}/conv3_act")
   if stride == 1 and in_planes == 4 * planes:
     short = x
   else:
-    short = g.conv_bn(x, f"{name}/shortcut_conv", f"{name}/shortcut_bn", stride)
-  out = g.relu(g.op("Add", [out, short], f"{name}/add"), f"{name}/relu3")
+    short = _projection(g, x, name, stride)
+  out = g.relu(g.add(out, short, f"{name}/add"), f"{name}/relu3")
   return g.quant_act(out, f"{name}/act3")
 
 
 def _resnet_cifar(g: GraphBuilder, model: ResNetCifar) -> str:
-  x = g.relu(g.conv_bn("input", "conv1", "bn1", 1, role="first"), "relu1")
+  x = g.deploy_act("input", "input_act")
+  x = g.relu(g.conv_bn(x, "conv1", "bn1", 1, role="first"), "relu1")
   x = g.quant_act(x, "act1")
   in_planes, n = model.width, (model.depth - 2) // 6
   for stage in range(3):
@@ -83,9 +73,9 @@ def _resnet_cifar(g: GraphBuilder, model: ResNetCifar) -> str:
 
 def _resnet_imagenet(g: GraphBuilder, model: ResNet) -> str:
   kind, stage_sizes = RESNET_SPECS[model.depth]
-  x = g.relu(g.conv_bn("input", "conv1", "bn1", 2, role="first"), "relu1")
-  x = g.quant_act(x, "act1")
-  x = g.op("MaxPool", [x], "maxpool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+  x = g.deploy_act("input", "input_act")
+  x = g.relu(g.conv_bn(x, "conv1", "bn1", 2, role="first"), "relu1")
+  x = g.max_pool(g.quant_act(x, "act1"))
   in_planes = model.width
   for stage, n_blocks in enumerate(stage_sizes):
     planes = model.width * 2**stage
@@ -102,7 +92,8 @@ def _resnet_imagenet(g: GraphBuilder, model: ResNet) -> str:
 
 
 def _mobilenet_v2(g: GraphBuilder, model: MobileNetV2) -> str:
-  x = g.relu6(g.conv_bn("input", "stem_conv", "stem_bn", 2, role="first"), "stem_relu6")
+  x = g.deploy_act("input", "input_act")
+  x = g.relu6(g.conv_bn(x, "stem_conv", "stem_bn", 2, role="first"), "stem_relu6")
   x = g.quant_act(x, "stem_act")
   in_features = g.params["stem_conv"]["kernel"].shape[-1]
   for i, (_, out_features, stride) in enumerate(block_specs()):
@@ -114,25 +105,39 @@ def _mobilenet_v2(g: GraphBuilder, model: MobileNetV2) -> str:
     y = g.conv_bn(y, f"{name}/dw_conv", f"{name}/dw_bn", stride, groups=mid)
     y = g.quant_act(g.relu6(y, f"{name}/r6b"), f"{name}/dw_act")
     y = g.conv_bn(y, f"{name}/project_conv", f"{name}/project_bn", 1)
+    y = g.deploy_act(y, f"{name}/project_act")
     if stride == 1 and in_features == out_features:
-      y = g.op("Add", [y, x], f"{name}/add")
+      y = g.deploy_act(g.add(y, x, f"{name}/add"), f"{name}/add_act")
     x, in_features = y, out_features
   x = g.relu6(g.conv_bn(x, "head_conv", "head_bn", 1), "head_relu6")
   x = g.quant_act(x, "head_act")
   return g.classifier(x, "classifier")
 
 
+def _build(g: GraphBuilder, model) -> str:
+  if isinstance(model, ResNetCifar):
+    return _resnet_cifar(g, model)
+  if isinstance(model, ResNet):
+    return _resnet_imagenet(g, model)
+  if isinstance(model, MobileNetV2):
+    return _mobilenet_v2(g, model)
+  names = ", ".join(m.__name__ for m in SUPPORTED)
+  raise TypeError(f"export supports {names}; {type(model).__name__} is not one of them.")
+
+
+def integer_program(model, variables: dict, metadata: dict[str, str]):
+  """(ONNX model, integer program) of a deployment-quantizer student: the graph ONNX
+  Runtime runs on integer kernels and the ops integer_reference.run executes."""
+  g = IntegerGraphBuilder(variables, model.quant)
+  logits = _build(g, model)
+  return g.model(logits, model.num_classes, metadata), g.ops
+
+
 def export_model(model, variables: dict, metadata: dict[str, str]) -> onnx.ModelProto:
   """The ONNX model of a student (`model.quant` its QuantPolicy) or of the float teacher
-  (`model.quant` None) of any supported family; TypeError for another module."""
+  (`model.quant` None) of any supported family; TypeError for another module. A student of
+  the deployment quantizer (`quant.deploy`) exports as the integer graph."""
+  if model.quant is not None and model.quant.deploy:
+    return integer_program(model, variables, metadata)[0]
   g = GraphBuilder(variables, model.quant)
-  if isinstance(model, ResNetCifar):
-    logits = _resnet_cifar(g, model)
-  elif isinstance(model, ResNet):
-    logits = _resnet_imagenet(g, model)
-  elif isinstance(model, MobileNetV2):
-    logits = _mobilenet_v2(g, model)
-  else:
-    names = ", ".join(m.__name__ for m in SUPPORTED)
-    raise TypeError(f"export supports {names}; {type(model).__name__} is not one of them.")
-  return g.model(logits, model.num_classes, metadata)
+  return g.model(_build(g, model), model.num_classes, metadata)

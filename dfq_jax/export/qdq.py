@@ -27,6 +27,16 @@ def affine_params(lo, hi, bits: int) -> tuple[np.ndarray, np.ndarray]:
   return (np.float32(1.0) / scale).astype(np.float32), (-zp).astype(np.int64)
 
 
+def unsigned_params(lo, hi, bits: int) -> tuple[np.float32, int]:
+  """(Δ, z) of the same k-bit quantizer on the unsigned grid u = q + 2^(k-1) in [0, 2^k - 1]
+  (uint8 storage): z = -round(s lo), in [0, 2^k - 1] when lo <= 0 <= hi."""
+  delta, z = affine_params(lo, hi, bits)
+  z = int(np.asarray(z).reshape(())) + 2 ** (bits - 1)
+  if not 0 <= z <= 2**bits - 1:
+    raise ValueError(f"range [{float(lo)}, {float(hi)}] excludes 0: no uint8 zero point.")
+  return np.float32(np.asarray(delta).reshape(())), z
+
+
 def check_zero_point(z: np.ndarray, what: str) -> np.ndarray:
   """z as int8; raises ValueError naming `what` when a range cannot be stored so."""
   if z.min() < INT8_MIN or z.max() > INT8_MAX:

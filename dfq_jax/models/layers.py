@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dfq_jax.quant.layers import QConv
+from dfq_jax.quant.layers import QConv, QuantAct
 from dfq_jax.stats import combine_moments
 
 BN_STATS = "bn_stats"
@@ -116,7 +116,8 @@ class BatchNorm(nn.Module):
 def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: bool, dtype=None):
   """Identity, or conv1x1/stride + BN where the shape changes (ResNet option B).
 
-  Call inside a compact module: creates `shortcut_conv` and `shortcut_bn` there.
+  Call inside a compact module: creates `shortcut_conv` and `shortcut_bn` there (and the
+  deployment quantizer `shortcut_act`).
   """
   if stride == 1 and x.shape[-1] == features:
     return x
@@ -129,4 +130,5 @@ def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: 
     dtype=dtype,
     name="shortcut_conv",
   )(x)
-  return BatchNorm(use_running_average=not train, name="shortcut_bn")(x)
+  x = BatchNorm(use_running_average=not train, name="shortcut_bn")(x)
+  return QuantAct(quant, deploy=True, name="shortcut_act")(x)

@@ -17,7 +17,10 @@ Two published layouts differ in architecture (not only in names):
 
 Quantization (student): every conv and the classifier are `QConv`/`QDense` (depthwise
 convs included); a `QuantAct` follows every ReLU6. Block outputs have no activation and
-are not quantized, so the expansion convs see full-precision inputs (methods.md §1, §2.3).
+are not quantized, so the expansion convs see full-precision inputs (methods.md §1, §2.3),
+except with the deployment quantizer (`QuantPolicy.deploy`), which quantizes the input,
+each projection output (`project_act`), each residual sum (`add_act`) and the pooled
+features: what an integer engine reads.
 """
 
 from __future__ import annotations
@@ -82,9 +85,9 @@ class InvertedResidual(nn.Module):
     )(y)
     y = QuantAct(self.quant, name="dw_act")(nn.relu6(bn("dw_bn")(y)))
     y = QConv(self.out_features, (1, 1), quant=self.quant, dtype=self.dtype, name="project_conv")(y)
-    y = bn("project_bn")(y)
+    y = QuantAct(self.quant, deploy=True, name="project_act")(bn("project_bn")(y))
     if self.stride == 1 and in_features == self.out_features:
-      y = y + x
+      y = QuantAct(self.quant, deploy=True, name="add_act")(y + x)
     return y
 
 
@@ -114,6 +117,7 @@ class MobileNetV2(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Args: x [B, H, W, C] normalised images. Returns logits [B, num_classes]."""
     bn = lambda name: BatchNorm(use_running_average=not train, name=name)
+    x = QuantAct(self.quant, deploy=True, name="input_act")(x)
     x = QConv(
       STEM_FEATURES,
       (3, 3),
@@ -136,7 +140,7 @@ class MobileNetV2(nn.Module):
       )(x, train)
     x = QConv(HEAD_FEATURES, (1, 1), quant=self.quant, dtype=self.dtype, name="head_conv")(x)
     x = QuantAct(self.quant, name="head_act")(nn.relu6(bn("head_bn")(x)))
-    x = jnp.mean(x, axis=(1, 2))
+    x = QuantAct(self.quant, deploy=True, name="pool_act")(jnp.mean(x, axis=(1, 2)))
     return QDense(
       self.num_classes,
       use_bias=self.classifier_bias,

@@ -9,7 +9,10 @@ Two shortcut layouts:
 
 Quantization (student): every conv and the classifier are `QConv`/`QDense`; a `QuantAct`
 follows every ReLU (after the stem, inside each block, after each residual sum). The
-input image is never quantized. Inputs are NHWC, normalised images.
+input image is not quantized, except by the deployment quantizer (`QuantPolicy.deploy`),
+which also quantizes the input, each block's conv2 output before the sum (`conv2_act`),
+the projection shortcut (`shortcut_act`) and the pooled features (`pool_act`): what an
+integer engine reads. Inputs are NHWC, normalised images.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class BasicBlock(nn.Module):
     out = nn.relu(bn("bn1")(out))
     out = QuantAct(self.quant, name="act1")(out)
     out = QConv(self.planes, (3, 3), quant=self.quant, dtype=self.dtype, name="conv2")(out)
-    out = bn("bn2")(out)
+    out = QuantAct(self.quant, deploy=True, name="conv2_act")(bn("bn2")(out))
     in_planes = x.shape[-1]
     if self.shortcut == "B":
       x = projection_shortcut(x, self.planes, self.stride, self.quant, train, self.dtype)
@@ -79,6 +82,7 @@ class ResNetCifar(nn.Module):
     if self.shortcut not in ("A", "B"):
       raise ValueError(f"shortcut must be 'A' or 'B'; got {self.shortcut!r}.")
     n = (self.depth - 2) // 6
+    x = QuantAct(self.quant, deploy=True, name="input_act")(x)
     x = QConv(self.width, (3, 3), quant=self.quant, dtype=self.dtype, role="first", name="conv1")(x)
     x = nn.relu(BatchNorm(use_running_average=not train, name="bn1")(x))
     x = QuantAct(self.quant, name="act1")(x)
@@ -89,7 +93,7 @@ class ResNetCifar(nn.Module):
         x = BasicBlock(
           planes, stride, self.shortcut, self.quant, self.dtype, name=f"layer{stage + 1}_{block}"
         )(x, train)
-    x = jnp.mean(x, axis=(1, 2))
+    x = QuantAct(self.quant, deploy=True, name="pool_act")(jnp.mean(x, axis=(1, 2)))
     return QDense(self.num_classes, quant=self.quant, dtype=self.dtype, role="last", name="linear")(
       x
     )

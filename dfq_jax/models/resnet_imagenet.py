@@ -15,8 +15,10 @@ pick the one that matches the checkpoint.
 
 Quantization (student): every conv and the classifier are `QConv`/`QDense`; a `QuantAct`
 follows every ReLU (the stem, inside each block, after each residual sum). The input
-image is never quantized. Inputs are NHWC, normalised images; any size >= 32 works
-(the final pool is global, which equals PyTorch's 7x7 pool at 224x224).
+image is not quantized, except by the deployment quantizer (`QuantPolicy.deploy`: the
+input, the last conv of each block before the sum, the shortcut, the pooled features).
+Inputs are NHWC, normalised images; any size >= 32 works (the final pool is global, which
+equals PyTorch's 7x7 pool at 224x224).
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class Bottleneck(nn.Module):
     out = QConv(self.planes, (3, 3), s2, quant=self.quant, dtype=self.dtype, name="conv2")(out)
     out = QuantAct(self.quant, name="act2")(nn.relu(bn("bn2")(out)))
     out = QConv(4 * self.planes, (1, 1), quant=self.quant, dtype=self.dtype, name="conv3")(out)
-    out = bn("bn3")(out)
+    out = QuantAct(self.quant, deploy=True, name="conv3_act")(bn("bn3")(out))
     x = projection_shortcut(x, 4 * self.planes, self.stride, self.quant, train, self.dtype)
     return QuantAct(self.quant, name="act3")(nn.relu(out + x))
 
@@ -108,6 +110,7 @@ class ResNet(nn.Module):
         f"ImageNet ResNet depth must be one of {sorted(RESNET_SPECS)}; got {self.depth}."
       )
     kind, stage_sizes = RESNET_SPECS[self.depth]
+    x = QuantAct(self.quant, deploy=True, name="input_act")(x)
     x = QConv(
       self.width, (7, 7), (2, 2), quant=self.quant, dtype=self.dtype, role="first", name="conv1"
     )(x)
@@ -126,5 +129,5 @@ class ResNet(nn.Module):
             planes, stride, self.conv1_stride, self.quant, self.dtype, name=name
           )
         x = block_module(x, train)
-    x = jnp.mean(x, axis=(1, 2))
+    x = QuantAct(self.quant, deploy=True, name="pool_act")(jnp.mean(x, axis=(1, 2)))
     return QDense(self.num_classes, quant=self.quant, dtype=self.dtype, role="last", name="fc")(x)

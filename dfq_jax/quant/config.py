@@ -50,6 +50,8 @@ def policy_from_config(config) -> QuantPolicy:
     rules=parse_rules(q.rules),
     range_mode=q.range_mode,
     weight_mode=q.weight_mode,
+    deploy=bool(q.deploy),
+    deploy_bits=numerics.check_bits(q.deploy_bits, "quant.deploy_bits"),
     axis_name="data" if config.stats_scope == "per_device" else None,
   )
 

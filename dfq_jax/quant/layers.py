@@ -67,6 +67,15 @@ class QuantPolicy:
       above, forward only: one compiled forward serves every per-layer bit assignment
       (the mixed-precision sensitivity, quant/mixed.py). Activation ranges are then kept
       for every QuantAct.
+    deploy: the int8-engine deployment quantizer (export/integer_graph.py): every tensor
+      an integer kernel reads is quantized, so `QuantAct(deploy=True)` layers quantize the
+      input image, each conv output that meets a residual sum or ends a block without an
+      activation, and the pooled features, at `deploy_bits`; every activation range
+      includes 0 (zero padding and zero channels exact, zero points in uint8). Needs
+      weight_mode='symmetric' (int8 weights of zero point 0). Off, those layers are the
+      identity and the student is the papers'.
+    deploy_bits: bit-width of the deployment quantizers (8: the int8 engine's own width;
+      a rule's a_bits overrides it per layer).
   """
 
   w_bits: int = 4
@@ -81,8 +90,16 @@ class QuantPolicy:
   observer: str = "minmax"
   percentile: float = 99.999
   probe: bool = False
+  deploy: bool = False
+  deploy_bits: int = 8
 
   def __post_init__(self):
+    _check_layer_bits(self.deploy_bits, "deploy_bits")
+    if self.deploy and self.weight_mode != "symmetric":
+      raise ValueError(
+        "quant.deploy=True needs symmetric weights (int8 engines take weights of zero point "
+        "0): pass --config.quant.weight_mode=symmetric, or the config argument 'deploy'."
+      )
     _check_layer_bits(self.w_bits, "w_bits")
     _check_layer_bits(self.a_bits, "a_bits")
     _check_layer_bits(self.first_bits, "first_bits")
@@ -128,12 +145,22 @@ class QuantPolicy:
       bits = self.w_bits
     return None if bits == FULL_PRECISION else bits
 
-  def act_bits(self, path: str) -> int | None:
-    """Activation bit-width of the QuantAct at `path`; None means full precision."""
+  def act_bits(self, path: str, deploy: bool = False) -> int | None:
+    """Activation bit-width of the QuantAct at `path` (a deployment quantizer if `deploy`:
+    None unless the policy deploys); None means full precision."""
+    if deploy and not self.deploy:
+      return None
     bits = self._rule(path, 2)
     if bits is None:
-      bits = self.a_bits
+      bits = self.deploy_bits if deploy else self.a_bits
     return None if bits == FULL_PRECISION else bits
+
+  def act_range(self, x_min, x_max):
+    """The (lo, hi) an activation quantizer uses for its stored range: as stored, or
+    widened to include 0 by the deployment quantizer (numpy or jax scalars)."""
+    if not self.deploy:
+      return x_min, x_max
+    return jnp.minimum(x_min, 0.0), jnp.maximum(x_max, 0.0)
 
   def explicit_weight_bits(self, path: str, role: str = "") -> int | None:
     """The weight bits a rule or first_bits/last_bits sets for `path` (None: the default)."""
@@ -162,6 +189,8 @@ class QuantPolicy:
     parts.append(f"ranges {self.range_mode}")
     if self.weight_mode != "asymmetric":
       parts.append(f"{self.weight_mode} weights")
+    if self.deploy:
+      parts.append(f"deployment quantizers A{self.deploy_bits}")
     return ", ".join(parts)
 
 
@@ -288,16 +317,21 @@ class QuantAct(nn.Module):
 
   Variables (collection `quant_stats`): `x_min`, `x_max` (scalars, start at 0) and
   `beta_t` (starts at 1 = never updated). With `quant=None` or a full-precision
-  activation this is the identity and creates no variables.
+  activation this is the identity and creates no variables. `deploy=True` marks a
+  quantizer of the deployment quantizer only (`QuantPolicy.deploy`): the identity otherwise.
   """
 
   quant: QuantPolicy | None = None
+  deploy: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.quant is None:
+    if self.quant is None or (self.deploy and not self.quant.deploy):
       return x
-    bits = MAX_PROBE_OBSERVER_BITS if self.quant.probe else self.quant.act_bits(_layer_path(self))
+    if self.quant.probe:
+      bits = MAX_PROBE_OBSERVER_BITS
+    else:
+      bits = self.quant.act_bits(_layer_path(self), self.deploy)
     if bits is None:
       return x
     zeros = lambda: jnp.zeros((), jnp.float32)
@@ -320,7 +354,8 @@ class QuantAct(nn.Module):
         mode=self.quant.range_mode,
         decay=self.quant.range_decay,
       )
-    lo, hi = x_min.value.astype(x.dtype), x_max.value.astype(x.dtype)
+    lo, hi = self.quant.act_range(x_min.value, x_max.value)
+    lo, hi = lo.astype(x.dtype), hi.astype(x.dtype)
     if self.quant.probe:
       return numerics.probe_fake_quant(x, _probe_bits(self, "a"), lo, hi)
     return numerics.fake_quant_ste(x, bits, lo, hi)

@@ -13,7 +13,7 @@ import pytest
 onnx = pytest.importorskip("onnx")  # the `export` extra
 pytest.importorskip("onnxruntime")
 
-from dfq_test_utils import tiny_config  # noqa: E402
+from dfq_test_utils import perturbed_student, tiny_config  # noqa: E402
 
 from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
@@ -21,10 +21,8 @@ from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
 from dfq_jax.export import qdq, runtime  # noqa: E402
 from dfq_jax.export.onnx_models import export_model  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
-from dfq_jax.models import get_model  # noqa: E402
 from dfq_jax.models import teacher as teacher_lib  # noqa: E402
 from dfq_jax.quant import QuantPolicy, numerics  # noqa: E402
-from dfq_jax.quant.calibration import calibrated_student  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,28 +47,8 @@ def test_integer_weights_dequantize_to_the_fake_quantized_kernel(bits, mode):
 def _student(
   shortcut, bits, negative_gamma=True, weight_mode="asymmetric", name="resnet8_cifar", size=16
 ):
-  """A student with non-trivial BN (some scales negative) and calibrated ranges."""
   policy = QuantPolicy(w_bits=bits, a_bits=bits, weight_mode=weight_mode)
-  kwargs = {"shortcut": shortcut} if name.endswith("_cifar") else {}
-  teacher = get_model(name, num_classes=10, **kwargs)
-  student = get_model(name, num_classes=10, quant=policy, **kwargs)
-  tv = teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  keys = iter(jax.random.split(jax.random.key(3), 1000))
-
-  def perturb(path, a):
-    name = jax.tree_util.keystr(path)
-    if "bn" not in name:
-      return a
-    if "scale" in name and negative_gamma:
-      return a * jnp.where(jax.random.uniform(next(keys), a.shape) < 0.2, -1.0, 1.0)
-    return a + 0.3 * jax.random.uniform(next(keys), a.shape)
-
-  tv = {
-    "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
-    "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
-  }
-  x = jax.random.normal(jax.random.key(1), (64 if size == 16 else 16, size, size, 3))
-  return student, jax.device_get(calibrated_student(student, tv, (size, size, 3), [x])), x
+  return perturbed_student(name, policy, shortcut, negative_gamma, size)
 
 
 @pytest.mark.parametrize(
