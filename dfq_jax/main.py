@@ -60,6 +60,13 @@ _PROCESS_ID = flags.DEFINE_integer(
   "Multi-process run started by hand: this process's index (env DFQ_PROCESS_ID).",
 )
 
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_s",
+  int(os.environ.get("DFQ_HEARTBEAT_TIMEOUT_S", "100")),
+  "Multi-process runs: a process whose peers stop answering for this long aborts "
+  "(env DFQ_HEARTBEAT_TIMEOUT_S; JAX's default 100). Restart all to resume.",
+)
+
 
 def _initialize_distributed() -> None:
   """jax.distributed.initialize from the flags, or from the cluster's environment.
@@ -80,9 +87,10 @@ def _initialize_distributed() -> None:
       coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
+      heartbeat_timeout_seconds=_HEARTBEAT.value,
     )
   elif os.environ.get("DFQ_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT.value)
 
 
 def main(argv):
@@ -112,6 +120,13 @@ def main(argv):
   except NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or flags.FLAGS.verbosity >= 1:
+      raise
+    print(peer_lost_message(e, workdir), file=sys.stderr, flush=True)
+    # Skip jax.distributed's shutdown barrier: with a peer gone it would wait out the
+    # heartbeat timeout and then abort the process.
+    os._exit(1)
   except Exception as e:
     if not run_lib.is_bad_input(e) or flags.FLAGS.verbosity >= 1:
       raise  # a bug, or --verbosity=1 (the traceback for a bug report)
@@ -124,6 +139,19 @@ def main(argv):
   say(f"Results: {os.path.join(workdir, 'results.json')}")
   for name, path in output_paths(workdir):
     say(f"{name}: {path}")
+
+
+def peer_lost_message(error: Exception, workdir: str) -> str:
+  """The one error line of a multi-process run whose collective failed (a peer died)."""
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  resume = f"step {max(steps)}" if steps else "the start (no checkpoint yet)"
+  return (
+    f"error: process {jax.process_index()} of {jax.process_count()} lost its peers "
+    f"({first}); another process stopped or was killed. Restart all processes with the same "
+    f"command: the run resumes from {resume}."
+  )
 
 
 def format_results(results: dict) -> str:

@@ -7,6 +7,8 @@
 #   launch/local_multihost.sh                 # the demo as 2 x 2, workdir runs/local_multihost
 #   launch/local_multihost.sh --processes 2 -- --config configs/demo.py:adadfq --workdir runs/x
 # Process 0 prints and writes metrics/results; process i logs to <workdir>.process<i>.log.
+# If one process fails or is killed, the others are stopped at once and one error line
+# says where a rerun of the same command resumes.
 set -euo pipefail
 processes=2
 devices=2
@@ -17,7 +19,7 @@ while [[ $# -gt 0 ]]; do
     --devices) [[ $# -ge 2 ]] || { echo "error: --devices needs a number" >&2; exit 2; }
                devices="$2"; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (extra flags go after --)" >&2; exit 2 ;;
   esac
 done
@@ -35,14 +37,34 @@ port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); 
 export JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo
 export XLA_FLAGS="--xla_force_host_platform_device_count=${devices} ${XLA_FLAGS:-}"
 mkdir -p "$(dirname "$workdir")"
-pids=()
-for ((i = 1; i < processes; i++)); do
-  python -m dfq_jax.main "${args[@]}" --coordinator_address="127.0.0.1:${port}" \
-      --num_processes="$processes" --process_id="$i" > "${workdir}.process${i}.log" 2>&1 &
-  pids+=($!)
+# Every process in the background; the first one to fail stops the others (none waits out
+# a heartbeat timeout on a dead peer) and the run resumes when the same command is rerun.
+declare -A index_of=()
+for ((i = 0; i < processes; i++)); do
+  if ((i == 0)); then
+    python -m dfq_jax.main "${args[@]}" --coordinator_address="127.0.0.1:${port}" \
+        --num_processes="$processes" --process_id=0 &
+  else
+    python -m dfq_jax.main "${args[@]}" --coordinator_address="127.0.0.1:${port}" \
+        --num_processes="$processes" --process_id="$i" > "${workdir}.process${i}.log" 2>&1 &
+  fi
+  index_of[$!]=$i
 done
+trap 'kill "${!index_of[@]}" 2> /dev/null; exit 130' INT TERM
 status=0
-python -m dfq_jax.main "${args[@]}" --coordinator_address="127.0.0.1:${port}" \
-    --num_processes="$processes" --process_id=0 || status=$?
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
-exit "$status"
+for ((n = 0; n < processes; n++)); do
+  finished=""
+  wait -n -p finished "${!index_of[@]}" || status=$?
+  i=${index_of[$finished]}
+  unset "index_of[$finished]"
+  if ((status != 0)); then
+    kill "${!index_of[@]}" 2> /dev/null || true
+    wait 2> /dev/null || true
+    steps=$(ls "${workdir}/checkpoints" 2> /dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
+    echo "error: process ${i} exited with code ${status}; the other processes were stopped." \
+      "Rerun the same command to resume from ${steps:+step ${steps}}${steps:-the start}" \
+      "(logs: ${workdir}.process<i>.log)." >&2
+    exit "$status"
+  fi
+done
+exit 0

@@ -55,6 +55,7 @@ LAYERS = {
   "dfq_jax.export.integer_reference": 0,
   "dfq_jax.export.onnx_models": 2,
   "dfq_jax.export.__main__": 6,
+  "dfq_jax.export.latency": 6,
   "dfq_jax.main": 6,
   "dfq_jax.bench": 6,
   "dfq_jax.ptq_grid": 6,

@@ -9,11 +9,14 @@ grid, written by process 0; the 2-process checkpoint resumes in 1 process.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,3 +184,71 @@ def test_a_process_started_with_another_config_is_refused_by_name(tiny_teacher_d
   assert all("process(es) [1] were started with another config" in e for e in errors)
   assert "differing: config.seed" in errors[1]
   assert not (workdir / "config.json").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_others_and_a_rerun_resumes(tiny_teacher_dir, tmp_path):
+  """launch/local_multihost.sh: kill process 1 after the step-8 checkpoint; the launcher
+  stops process 0 at once with one error line, and rerunning the command resumes to the
+  results of an uninterrupted run (1 process x 4 devices: the same numbers)."""
+
+  def flags(workdir):
+    return [
+      *_args(tiny_teacher_dir, workdir)[3:],
+      "--config.total_steps=16",
+      "--config.eval_every_steps=8",
+      "--config.sample_every_steps=8",
+      "--heartbeat_timeout_s=10",
+    ]
+
+  ref = tmp_path / "ref"
+  proc = subprocess.run(
+    [sys.executable, "-m", "dfq_jax.main", *flags(ref)],
+    cwd=ROOT,
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  workdir = tmp_path / "w"
+  env = dict(_env(2), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  env.pop("XLA_FLAGS")  # the launcher sets the device count
+  cmd = ["bash", "launch/local_multihost.sh", "--", *flags(workdir)]
+  launcher = subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  deadline = time.time() + 400
+  while not (workdir / "checkpoints" / "8").is_dir():
+    assert time.time() < deadline and launcher.poll() is None, "no step-8 checkpoint"
+    time.sleep(0.5)
+  victim = subprocess.run(
+    ["pgrep", "-f", "--", f"--workdir={workdir} .*--process_id=1"], capture_output=True, text=True
+  ).stdout.split()
+  assert len(victim) == 1, victim
+  os.kill(int(victim[0]), signal.SIGKILL)
+  killed = time.time()
+  _, err = launcher.communicate(timeout=120)
+  stopped_after = time.time() - killed
+  assert launcher.returncode != 0 and stopped_after < 30, (stopped_after, err[-2000:])
+  lines = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert len(lines) == 1 and "process 1 exited with code 137" in lines[0], err[-2000:]
+  assert "resume from step" in lines[0]
+  assert not (workdir / "results.json").exists()
+
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Resumed from" in proc.stdout
+  a, b = (json.loads((d / "results.json").read_text()) for d in (ref, workdir))
+  for key in ("final_top1", "best_top1", "best_step", "steps"):
+    assert a[key] == b[key], key
+  # Rows logged after step 8 by the killed run come again from the resumed one (last wins).
+  resumed = {(r["step"], frozenset(r)): r for r in _rows(workdir)}
+  for x in _rows(ref):
+    y = resumed[(x["step"], frozenset(x))]
+    for key in x:
+      if key != "images_per_s":
+        np.testing.assert_allclose(
+          y[key], x[key], rtol=1e-4, atol=1e-6, err_msg=f"step {x['step']} {key}"
+        )

@@ -11,18 +11,19 @@ import pytest
 onnx = pytest.importorskip("onnx")  # the `export` extra
 pytest.importorskip("onnxruntime")
 
-from dfq_test_utils import perturbed_student, set_values, tiny_config  # noqa: E402
+from dfq_test_utils import load_config, perturbed_student, set_values, tiny_config  # noqa: E402
 
 from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
 from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
-from dfq_jax.export import integer_reference, runtime  # noqa: E402
+from dfq_jax.export import integer_reference, latency, runtime  # noqa: E402
 from dfq_jax.export.__main__ import export  # noqa: E402
 from dfq_jax.export.integer_graph import IntegerGraphBuilder  # noqa: E402
 from dfq_jax.export.onnx_models import export_model, integer_program  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
 from dfq_jax.models import get_model  # noqa: E402
 from dfq_jax.quant import QuantPolicy  # noqa: E402
+from dfq_jax.quant.config import policy_from_config  # noqa: E402
 
 # ORT's optimised graph of the integer export: these and the layout ops, nothing float.
 INTEGER_KERNELS = {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"}
@@ -161,3 +162,26 @@ def test_a_trained_deploy_student_ships_as_the_integer_model_it_evaluated(
   assert "deployment" in meta["bits"] and meta["graph"].startswith("integer")
   _, loaded, _ = load_student(workdir, "final")
   assert loaded.quant.deploy
+
+
+def test_deploy_config_argument_and_latency_bench(tmp_path):
+  config = load_config("cifar10_resnet20.py", "adadfq,w4a4,deploy")
+  policy = policy_from_config(config)
+  assert policy.deploy and policy.weight_mode == "symmetric" and policy.deploy_bits == 8
+  config.quant.weight_mode = "asymmetric"
+  with pytest.raises(ValueError, match="needs symmetric weights"):
+    policy_from_config(config)
+  # python -m dfq_jax.export.latency: size and alternating-round latency of exported files.
+  student, variables, _ = perturbed_student("resnet8_cifar", _deploy(8), "A")
+  paths = []
+  for name, m in (("int", student), ("fp", get_model("resnet8_cifar", num_classes=10))):
+    path = tmp_path / f"{name}.onnx"
+    v = variables if m is student else {k: variables[k] for k in ("params", "batch_stats")}
+    path.write_bytes(export_model(m, v, {"bits": name}).SerializeToString())
+    paths.append(str(path))
+  rows = latency.compare(paths, batch=4, calls=2, rounds=2, size=16)
+  assert [r["bits"] for r in rows] == ["int", "fp"]
+  assert all(r["latency_s"] > 0 and len(r["round_medians_s"]) == 2 for r in rows)
+  assert "QLinearConv" in rows[0]["kernels"] and "QLinearConv" not in rows[1]["kernels"]
+  with pytest.raises(ValueError, match="is not a file"):
+    latency.compare([str(tmp_path / "none.onnx")], 1, 1, 1, 16)
