@@ -47,6 +47,19 @@ class GraphBuilder:
     self.inits.append(numpy_helper.from_array(np.asarray(value), name))
     return name
 
+  def const_int4(self, base: str, value: np.ndarray) -> str:
+    """An ONNX INT4 initializer (packed two a byte) of integers in [-8, 7]."""
+    name = self.name(base)
+    value = np.asarray(value)
+    nibbles = (value.astype(np.int8).ravel() & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+      nibbles = np.append(nibbles, np.uint8(0))
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)  # first value low
+    self.inits.append(
+      helper.make_tensor(name, TensorProto.INT4, value.shape, packed.tobytes(), raw=True)
+    )
+    return name
+
   def op(self, op_type: str, inputs, base: str, **attrs) -> str:
     out = self.name(base)
     self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attrs))
@@ -61,13 +74,14 @@ class GraphBuilder:
     if bits is None:
       return self.const(f"{path}/w", to_onnx(kernel * gamma).astype(np.float32))
     q, delta, z = qdq.quantized_weight(kernel, bits, self.policy.weight_mode)
-    q, z = qdq.weight_storage(q, z, f"weights of {path}")
+    q, z, storage = qdq.weight_storage(q, z, f"weights of {path}", bits)
+    const = self.const_int4 if storage == "int4" else self.const
     return self.op(
       "DequantizeLinear",
       [
-        self.const(f"{path}/w_q", to_onnx(q)),
+        const(f"{path}/w_q", to_onnx(q)),
         self.const(f"{path}/w_scale", (delta * gamma).astype(np.float32)),
-        self.const(f"{path}/w_zero", z),
+        const(f"{path}/w_zero", z),
       ],
       f"{path}/w_dq",
       axis=0 if conv else 1,

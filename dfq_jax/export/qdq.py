@@ -50,14 +50,23 @@ def check_zero_point(z: np.ndarray, what: str) -> np.ndarray:
 INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 
 
-def weight_storage(q: np.ndarray, z: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-  """(q, z) as int8, or as int16 when some channel's range excludes 0 (its zero point is
-  outside int8: e.g. a depthwise 3x3 kernel whose 9 weights share a sign). Dequantized
-  values are the same; only int8 layers can run on int8 kernels."""
-  if z.min() >= INT8_MIN and z.max() <= INT8_MAX:
-    return q.astype(np.int8), z.astype(np.int8)
-  if z.min() >= INT16_MIN and z.max() <= INT16_MAX:
-    return q.astype(np.int16), z.astype(np.int16)
+INT4_MIN, INT4_MAX = -8, 7
+
+
+def weight_storage(
+  q: np.ndarray, z: np.ndarray, what: str, bits: int = 8
+) -> tuple[np.ndarray, np.ndarray, str]:
+  """(q, z, storage): 'int4' (ONNX INT4, two weights a byte) for bits <= 4 when the zero
+  points fit, else 'int8', or 'int16' when some channel's range excludes 0 (its zero point
+  is outside int8: e.g. a depthwise 3x3 kernel whose 9 weights share a sign). The
+  dequantized values are the same in each; q and z come back as int8/int16 arrays."""
+  fits = lambda lo, hi: z.min() >= lo and z.max() <= hi
+  if bits <= 4 and fits(INT4_MIN, INT4_MAX):
+    return q.astype(np.int8), z.astype(np.int8), "int4"
+  if fits(INT8_MIN, INT8_MAX):
+    return q.astype(np.int8), z.astype(np.int8), "int8"
+  if fits(INT16_MIN, INT16_MAX):
+    return q.astype(np.int16), z.astype(np.int16), "int16"
   raise ValueError(
     f"{what}: its zero point {int(z.min())}..{int(z.max())} does not fit int16 (a range far "
     "from 0), so it cannot be stored as QDQ."

@@ -74,6 +74,12 @@ def test_onnxruntime_logits_equal_dfq_jax(name, shortcut, bits, weight_mode):
   student, variables, x = _student(shortcut, bits, weight_mode=weight_mode, name=name, size=size)
   ours = np.asarray(student.apply(variables, x))
   model = export_model(student, variables, {"bits": str(bits)})
+  # 4-bit weights are stored as ONNX INT4 (two a byte), 8-bit ones as INT8; a layer whose
+  # zero points do not fit (a channel range that excludes 0: depthwise kernels) one size up.
+  kinds = {t.data_type for t in model.graph.initializer if "/w_q_" in t.name}
+  p = onnx.TensorProto
+  expected = p.INT4 if bits == 4 else p.INT8
+  assert expected in kinds and kinds <= {expected, p.INT8, p.INT16}, kinds
   nchw = np.transpose(np.asarray(x), (0, 3, 1, 2))
   # As written (no ORT rewrites): the same arithmetic up to float32 rounding of the scales.
   plain = runtime.session(model.SerializeToString(), optimize=False).run(None, {"input": nchw})[0]
@@ -101,8 +107,8 @@ def test_a_weight_range_without_zero_is_stored_in_int16_and_activations_are_refu
   # outside int8, exact in int16.
   kernel = np.array([[1.0, 0.0], [2.0, -1.0], [1.5, 0.5]], np.float32)  # channel 0 in [1, 2]
   q, delta, z = qdq.quantized_weight(kernel, 8)
-  q, z = qdq.weight_storage(q, z, "weights of dw")
-  assert q.dtype == z.dtype == np.int16
+  q, z, storage = qdq.weight_storage(q, z, "weights of dw")
+  assert q.dtype == z.dtype == np.int16 and storage == "int16"
   np.testing.assert_allclose(
     (q.astype(np.float32) - z) * delta, np.asarray(numerics.quantize_weight(kernel, 8)), atol=1e-6
   )
