@@ -231,6 +231,7 @@ def test_a_killed_process_stops_the_others_and_a_rerun_resumes(tiny_teacher_dir,
   killed = time.time()
   _, err = launcher.communicate(timeout=120)
   stopped_after = time.time() - killed
+  print(f"launcher stopped {stopped_after:.1f} s after the kill")
   assert launcher.returncode != 0 and stopped_after < 30, (stopped_after, err[-2000:])
   lines = [line for line in err.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1 and "process 1 exited with code 137" in lines[0], err[-2000:]
