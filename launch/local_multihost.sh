@@ -58,7 +58,7 @@ for ((n = 0; n < processes; n++)); do
   i=${index_of[$finished]}
   unset "index_of[$finished]"
   if ((status != 0)); then
-    kill "${!index_of[@]}" 2> /dev/null || true
+    kill -KILL "${!index_of[@]}" 2> /dev/null || true  # the last complete checkpoint is on disk
     wait 2> /dev/null || true
     steps=$(ls "${workdir}/checkpoints" 2> /dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true)
     echo "error: process ${i} exited with code ${status}; the other processes were stopped." \
