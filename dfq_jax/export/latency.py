@@ -2,27 +2,22 @@ r"""python -m dfq_jax.export.latency A.onnx B.onnx ... [--batch 100] [--calls 20
 
 File size and ONNX Runtime latency of exported models measured side by side in one run:
 the models alternate (A B ... A B ...) for --rounds rounds, each round timing --calls calls
-on one random float32 batch [--batch, 3, H, W] (after 3 warm-up calls; H, W from the
-model's metadata or 32), and one JSON line per model gives the median of the round medians,
+on one random float32 batch [--batch, 3, --size, --size] (after 3 warm-up calls; size
+32 by default), and one JSON line per model gives the median of the round medians,
 the round medians, the file size and the kernels of ORT's optimised graph.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
 import sys
 
 import onnx
-from absl import app, flags
 
 from dfq_jax.export import runtime
-
-_BATCH = flags.DEFINE_integer("batch", 100, "Images per call.")
-_CALLS = flags.DEFINE_integer("calls", 20, "Timed calls per round.")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
-_SIZE = flags.DEFINE_integer("size", 32, "Input height and width.")
 
 
 def compare(paths: list[str], batch: int, calls: int, rounds: int, size: int) -> list[dict]:
@@ -54,11 +49,17 @@ def compare(paths: list[str], batch: int, calls: int, rounds: int, size: int) ->
   return rows
 
 
-def main(argv):
-  if len(argv) < 2:
-    raise app.UsageError("usage: python -m dfq_jax.export.latency A.onnx [B.onnx ...]")
+def main(argv=None):
+  # argparse, not absl flags: absl's are global, and `--batch` is bench's flag already.
+  parser = argparse.ArgumentParser(prog="python -m dfq_jax.export.latency")
+  parser.add_argument("models", nargs="+", help="exported .onnx files")
+  parser.add_argument("--batch", type=int, default=100, help="images per call")
+  parser.add_argument("--calls", type=int, default=20, help="timed calls per round")
+  parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+  parser.add_argument("--size", type=int, default=32, help="input height and width")
+  args = parser.parse_args(argv)
   try:
-    rows = compare(argv[1:], _BATCH.value, _CALLS.value, _ROUNDS.value, _SIZE.value)
+    rows = compare(args.models, args.batch, args.calls, args.rounds, args.size)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  main()

@@ -17,7 +17,7 @@ from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
 from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
 from dfq_jax.export import integer_reference, latency, runtime  # noqa: E402
-from dfq_jax.export.__main__ import export  # noqa: E402
+from dfq_jax.export.exporter import export  # noqa: E402
 from dfq_jax.export.integer_graph import IntegerGraphBuilder  # noqa: E402
 from dfq_jax.export.onnx_models import export_model, integer_program  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
