@@ -347,3 +347,27 @@ def test_every_image_source_gives_the_asked_images(tiny_teacher_dir, source):
   if source == "real":  # the calib.split images, normalised as the evaluation does
     real = eval_set_lib.real_images(config, norm, config.calib.split, 16)
     np.testing.assert_array_equal(images, real)
+
+
+def test_sensitivity_is_the_mean_over_independent_image_sets(tiny_teacher_dir):
+  # image_sets=K at seed s: the mean of the one-set sensitivities of seeds s*K .. s*K+K-1
+  # (one set's allocation varies with its draw; the mean is steadier).
+  teacher_vars = None
+  norm = None
+
+  def sens(seed, sets):
+    nonlocal teacher_vars, norm
+    config = _mixed_config(tiny_teacher_dir, **{"seed": seed, "quant.mixed.image_sets": sets})
+    teacher_vars = teacher_vars or teacher_lib.load_teacher(config)
+    norm = norm or eval_set_lib.normalization(config)
+    planned = mixed.plan(config, SHAPE)
+    return mixed.sensitivities(config, planned, teacher_vars, SHAPE, norm, log=lambda *a: None)
+
+  averaged, timings = sens(1, 2)
+  one, other = sens(2, 1)[0], sens(3, 1)[0]
+  assert set(averaged) == set(one) and timings["sensitivity_s"] > 0
+  for key, value in averaged.items():
+    assert value == pytest.approx((one[key] + other[key]) / 2, rel=1e-5, abs=1e-9)
+  assert any(abs(one[k] - other[k]) > 1e-4 * abs(one[k]) for k in one)  # different sets
+  with pytest.raises(ValueError, match="image_sets=0 must be positive"):
+    mixed.spec_from_config(_mixed_config(tiny_teacher_dir, **{"quant.mixed.image_sets": 0}))
