@@ -144,8 +144,9 @@ def _add_quantization(c: ml_collections.ConfigDict) -> None:
   c.quant.mixed.source = "dsg"  # images of the sensitivity: dsg | zeroq (synthesised with
   # that PTQ preset and ptq.steps) | noise | real (calib.split: a reference, not data-free)
   c.quant.mixed.images = 64  # how many
-  c.quant.mixed.image_sets = 3  # independent sets of `images` images; their sensitivities
-  # are averaged (set j of seed s = a one-set run of seed s * image_sets + j)
+  c.quant.mixed.image_sets = 1  # independent sets of `images` images whose sensitivities
+  # are averaged (set j of seed s = a one-set run of seed s * image_sets + j); 3 measured,
+  # not better at W3 (README)
   c.quant.mixed.samples_path = ""  # a synthetic.npz (e.g. of a PTQ run) instead of source
   c.quant.mixed.sensitivity_path = ""  # another run's mixed_precision.json: reuse its
   # sensitivities (the same teacher), e.g. to try other budgets

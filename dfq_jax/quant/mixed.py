@@ -443,8 +443,8 @@ def sensitivities(config, planned, teacher_vars, image_shape, norm, log=print):
     return _reused_sensitivity(spec.sensitivity_path, slots, measured), {"reused": True}
   rows = sensitivity_rows(slots, measured)
   keys = [(i, b) for i, bits in measured for b in bits]
-  # The mean over independent image sets: one set's allocation varies with its draw
-  # (measured: W3 budget, 3 seeds of one set 73.13 +- 1.18; of three sets 74.72 +- 0.03).
+  # The mean over independent image sets (quant.mixed.image_sets; measured at the W3 budget
+  # it did not make the allocation better or steadier: README).
   total, timings = np.zeros(len(keys)), {"synthesis_s": 0.0, "sensitivity_s": 0.0}
   for j in range(spec.image_sets):
     images, seconds = sensitivity_images(

@@ -351,7 +351,7 @@ def test_every_image_source_gives_the_asked_images(tiny_teacher_dir, source):
 
 def test_sensitivity_is_the_mean_over_independent_image_sets(tiny_teacher_dir):
   # image_sets=K at seed s: the mean of the one-set sensitivities of seeds s*K .. s*K+K-1
-  # (one set's allocation varies with its draw; the mean is steadier).
+  # (an option: measured at the W3 budget, three sets were not better than one, README).
   teacher_vars = None
   norm = None
 
