@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfq_jax import config_base
+from dfq_jax import config_base, parallel
 from dfq_jax import run as run_lib
 from dfq_jax.interfaces import NonFiniteError, Preempted
 
@@ -123,7 +123,7 @@ def main(argv):
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1 or flags.FLAGS.verbosity >= 1:
       raise
-    print(peer_lost_message(e, workdir), file=sys.stderr, flush=True)
+    print(parallel.peer_lost_message(e, workdir), file=sys.stderr, flush=True)
     # Skip jax.distributed's shutdown barrier: with a peer gone it would wait out the
     # heartbeat timeout and then abort the process.
     os._exit(1)
@@ -139,19 +139,6 @@ def main(argv):
   say(f"Results: {os.path.join(workdir, 'results.json')}")
   for name, path in output_paths(workdir):
     say(f"{name}: {path}")
-
-
-def peer_lost_message(error: Exception, workdir: str) -> str:
-  """The one error line of a multi-process run whose collective failed (a peer died)."""
-  first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
-  resume = f"step {max(steps)}" if steps else "the start (no checkpoint yet)"
-  return (
-    f"error: process {jax.process_index()} of {jax.process_count()} lost its peers "
-    f"({first}); another process stopped or was killed. Restart all processes with the same "
-    f"command: the run resumes from {resume}."
-  )
 
 
 def format_results(results: dict) -> str:

@@ -116,3 +116,16 @@ def check_same_on_all_processes(settings: dict) -> None:
     f"process(es) {others} were started with another config or workdir than process 0"
     f"{detail}: start every process with the same command."
   )
+
+
+def peer_lost_message(error: Exception, workdir: str) -> str:
+  """The one error line of a multi-process run whose collective failed (a peer died)."""
+  first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+  resume = f"step {max(steps)}" if steps else "the start (no checkpoint yet)"
+  return (
+    f"error: process {jax.process_index()} of {jax.process_count()} lost its peers "
+    f"({first}); another process stopped or was killed. Restart all processes with the same "
+    f"command: the run resumes from {resume}."
+  )

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from dfq_jax.parallel import peer_lost_message
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -77,6 +79,15 @@ def _two_processes(commands, timeout=600):
   return procs, [p.communicate(timeout=timeout) for p in procs]
 
 
+def _one_process(args, devices=4):
+  """Runs dfq_jax.main `args` as one process with `devices` CPU devices; asserts success."""
+  proc = subprocess.run(
+    args, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=600
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -84,10 +95,7 @@ def _rows(workdir):
 
 def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   one = tmp_path / "one"
-  proc = subprocess.run(
-    _args(tiny_teacher_dir, one), cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _one_process(_args(tiny_teacher_dir, one))
 
   two = tmp_path / "two"
   procs, outs = _two_processes([_args(tiny_teacher_dir, two)] * 2)
@@ -118,15 +126,7 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   shutil.copytree(two, resumed)
   shutil.rmtree(resumed / "checkpoints" / "8")
   (resumed / "results.json").unlink()
-  proc = subprocess.run(
-    _args(tiny_teacher_dir, resumed),
-    cwd=ROOT,
-    env=_env(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _one_process(_args(tiny_teacher_dir, resumed))
   assert "Resumed from" in proc.stdout and "at step 4" in proc.stdout
   c = json.loads((resumed / "results.json").read_text())
   for key in ("final_top1", "best_top1", "best_step"):
@@ -155,10 +155,7 @@ def test_ptq_across_two_processes_equals_one(tiny_teacher_dir, tmp_path):
       "--config.calib.split=test",
     ]
 
-  proc = subprocess.run(
-    args(tmp_path / "one"), cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _one_process(args(tmp_path / "one"))
   procs, outs = _two_processes([args(tmp_path / "two")] * 2)
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -202,15 +199,7 @@ def test_a_killed_process_stops_the_others_and_a_rerun_resumes(tiny_teacher_dir,
     ]
 
   ref = tmp_path / "ref"
-  proc = subprocess.run(
-    [sys.executable, "-m", "dfq_jax.main", *flags(ref)],
-    cwd=ROOT,
-    env=_env(4),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _one_process([sys.executable, "-m", "dfq_jax.main", *flags(ref)])
 
   workdir = tmp_path / "w"
   env = dict(_env(2), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
@@ -253,3 +242,14 @@ def test_a_killed_process_stops_the_others_and_a_rerun_resumes(tiny_teacher_dir,
         np.testing.assert_allclose(
           y[key], x[key], rtol=1e-4, atol=1e-6, err_msg=f"step {x['step']} {key}"
         )
+
+
+def test_a_lost_peer_is_one_error_line_naming_the_resume_step(tmp_path):
+  # What a process prints when its collective fails in a multi-process run: the last
+  # complete checkpoint (orbax's unfinished temporary directories do not count).
+  for d in ("4", "8", "12.orbax-checkpoint-tmp-3"):
+    (tmp_path / "checkpoints" / d).mkdir(parents=True)
+  message = peer_lost_message(RuntimeError("Gloo AllGather failed: reset\nmore"), str(tmp_path))
+  assert message.startswith("error: process 0 of 1 lost its peers (Gloo AllGather failed")
+  assert message.endswith("resumes from step 8.") and "more" not in message
+  assert "from the start" in peer_lost_message(RuntimeError(""), str(tmp_path / "none"))

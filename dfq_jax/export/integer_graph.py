@@ -30,10 +30,10 @@ import dataclasses
 import numpy as np
 
 from dfq_jax.export import qdq
+from dfq_jax.export.integer_reference import UINT8_MAX
 from dfq_jax.export.onnx_graph import GraphBuilder, _node
 from dfq_jax.quant.layers import QuantPolicy
 
-UINT8_MAX = 255
 INT8_MAX = 127
 INT32_MAX = 2**31 - 1
 

@@ -1,6 +1,7 @@
 """The deployment quantizer's integer graph: ONNX Runtime runs integer kernels that equal
 our integer-arithmetic reference, close to dfq_jax's fake-quantized student."""
 
+import json
 import os
 
 import jax
@@ -13,11 +14,9 @@ pytest.importorskip("onnxruntime")
 
 from dfq_test_utils import load_config, perturbed_student, set_values, tiny_config  # noqa: E402
 
-from dfq_jax import evaluate as evaluate_lib  # noqa: E402
 from dfq_jax import run as run_lib  # noqa: E402
-from dfq_jax.data import eval_set as eval_set_lib  # noqa: E402
 from dfq_jax.export import integer_reference, latency, runtime  # noqa: E402
-from dfq_jax.export.exporter import export  # noqa: E402
+from dfq_jax.export.exporter import compare_on_eval_set, export  # noqa: E402
 from dfq_jax.export.integer_graph import IntegerGraphBuilder  # noqa: E402
 from dfq_jax.export.onnx_models import export_model, integer_program  # noqa: E402
 from dfq_jax.export.workdir import load_student  # noqa: E402
@@ -152,12 +151,15 @@ def test_a_trained_deploy_student_ships_as_the_integer_model_it_evaluated(
   config, student, variables, data = export(workdir, str(tmp_path / "s.onnx"))
   assert os.path.exists(tmp_path / "s.onnx")
   assert "QLinearConv" in runtime.kernel_counts(data) and "Conv" not in runtime.kernel_counts(data)
-  ds, norm = eval_set_lib.load_eval_set(config), eval_set_lib.normalization(config)
-  ours = evaluate_lib.evaluate(
-    [(student.apply, variables)], ds.images, ds.labels, norm.mean, norm.std, 64
-  )
-  theirs = runtime.logits(runtime.session(data), ds.images, norm.mean, norm.std, 64).argmax(1)
-  assert np.mean(theirs == np.asarray(ours.predictions[0])) >= 0.95
+  # --evaluate's report: dfq_jax's top-1 of the exported student is the run's own final
+  # top-1; ORT's integer kernels predict as dfq_jax does and equal the integer reference.
+  report = compare_on_eval_set(config, student, variables, data)
+  results = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert report["dfq_jax_top1"] == pytest.approx(results["final_top1"], abs=1e-6)
+  assert report["prediction_agreement"] >= 95.0
+  assert report["integer_reference_images"] == 64
+  assert report["integer_reference_prediction_agreement"] == 100.0
+  assert report["integer_reference_images_equal"] >= 90.0
   meta = {p.key: p.value for p in onnx.load(str(tmp_path / "s.onnx")).metadata_props}
   assert "deployment" in meta["bits"] and meta["graph"].startswith("integer")
   _, loaded, _ = load_student(workdir, "final")
