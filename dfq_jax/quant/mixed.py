@@ -10,6 +10,9 @@ sensitivity  Ω(slot, b) = mean over images of KL(teacher ‖ network with only 
 allocation   one bit-width per slot with Σ size·bits ≤ budget·Σ size minimising Σ Ω,
              solved exactly (dynamic programming over Pareto fronts); weights and
              activations have separate budgets
+refinement   (quant.mixed.refine rounds) Ω measured again around the allocation (every
+             other slot at its allocated width, not FP), solved again; of all allocations
+             seen, the one whose whole-network KL is smallest
 rules        the allocation as quant.rules ('^layer1_0/conv1$=w3;...'), so every method
              (eval, PTQ, GDFQ, DSG, AdaDFQ) trains or calibrates with it and the export
              reads it back
@@ -65,6 +68,7 @@ class MixedSpec:
   samples_path: str
   sensitivity_path: str
   image_sets: int = 1
+  refine: int = 0
 
   def budget(self, kind: str) -> float:
     return self.budget_w_bits if kind == "w" else self.budget_a_bits
@@ -124,6 +128,7 @@ def spec_from_config(config) -> MixedSpec:
     samples_path=m.samples_path,
     sensitivity_path=m.sensitivity_path,
     image_sets=int(m.image_sets),
+    refine=int(m.refine),
   )
   for kind in KINDS:
     budget, cands, key = spec.budget(kind), spec.candidates(kind), f"quant.mixed.budget_{kind}_bits"
@@ -138,6 +143,8 @@ def spec_from_config(config) -> MixedSpec:
     raise ValueError(f"quant.mixed.source={spec.source!r} is unknown: use one of {SOURCES}.")
   if spec.images <= 0:
     raise ValueError(f"quant.mixed.images={spec.images} must be positive.")
+  if spec.refine < 0:
+    raise ValueError(f"quant.mixed.refine={spec.refine} must be 0 (no refinement) or more rounds.")
   if spec.image_sets <= 0:
     raise ValueError(f"quant.mixed.image_sets={spec.image_sets} must be positive (1 = one set).")
   for key in ("samples_path", "sensitivity_path"):
@@ -261,14 +268,9 @@ def sensitivity_rows(slots: list[Slot], options) -> np.ndarray:
   return np.stack(rows)
 
 
-def measure_sensitivity(
-  model: nn.Module, variables: dict, slots: list[Slot], rows: np.ndarray, images, chunk: int = 8
-) -> np.ndarray:
-  """Mean KL(FP ‖ probe) over `images` [N, H, W, C] for each bit-width row [R, S] -> [R].
-
-  `variables` hold the teacher's params/batch_stats and the probe's `quant_stats`; the
-  whole map over rows is one compiled computation (`chunk` rows at a time).
-  """
+def kl_program(model: nn.Module, slots: list[Slot], chunk: int = 8):
+  """The jitted map (variables, rows [R, S], images [N, H, W, C]) -> [R]: per bit-width
+  row, the mean KL(FP ‖ probe) over the images, `chunk` rows at a time."""
 
   @jax.jit
   def kl_rows(variables, rows, images):
@@ -285,6 +287,18 @@ def measure_sensitivity(
 
     return jax.lax.map(kl, rows, batch_size=chunk)
 
+  return kl_rows
+
+
+def measure_sensitivity(
+  model: nn.Module, variables: dict, slots: list[Slot], rows: np.ndarray, images, chunk: int = 8
+) -> np.ndarray:
+  """Mean KL(FP ‖ probe) over `images` [N, H, W, C] for each bit-width row [R, S] -> [R].
+
+  `variables` hold the teacher's params/batch_stats and the probe's `quant_stats`; the
+  whole map over rows is one compiled computation (`chunk` rows at a time).
+  """
+  kl_rows = kl_program(model, slots, chunk)
   return np.asarray(kl_rows(variables, jnp.asarray(rows), jnp.asarray(images)))
 
 
@@ -435,31 +449,87 @@ def _reused_sensitivity(path: str, slots, measured) -> dict[tuple[int, int], flo
   return out
 
 
-def sensitivities(config, planned, teacher_vars, image_shape, norm, log=print):
-  """{(slot, bits): Ω} for every bit-width the allocation may choose, and timings."""
-  spec, model, slots, pins = planned
-  measured = _measured_rows(spec, slots, pins)
-  if spec.sensitivity_path:
-    return _reused_sensitivity(spec.sensitivity_path, slots, measured), {"reused": True}
-  rows = sensitivity_rows(slots, measured)
-  keys = [(i, b) for i, bits in measured for b in bits]
-  # The mean over independent image sets (quant.mixed.image_sets; measured at the W3 budget
-  # it did not make the allocation better or steadier: README).
-  total, timings = np.zeros(len(keys)), {"synthesis_s": 0.0, "sensitivity_s": 0.0}
+def measurement_sets(config, planned, teacher_vars, image_shape, norm, log=print):
+  """Per image set of quant.mixed (image_sets of `images` images), (probe variables with
+  the FP network's ranges on its images, images), and the seconds synthesis took."""
+  spec, model, slots, _ = planned
+  sets, synthesis_s = [], 0.0
   for j in range(spec.image_sets):
     images, seconds = sensitivity_images(
       config, spec, teacher_vars, image_shape, norm, log, image_set=j
     )
-    t0 = time.perf_counter()
-    variables = probe_variables(model, teacher_vars, slots, images, config)
-    total += np.asarray(measure_sensitivity(model, variables, slots, rows, images), np.float64)
-    timings["synthesis_s"] += seconds
-    timings["sensitivity_s"] += time.perf_counter() - t0
+    sets.append((probe_variables(model, teacher_vars, slots, images, config), images))
+    synthesis_s += seconds
+  return sets, synthesis_s
+
+
+def _mean_kl(kl_rows, sets, rows: np.ndarray) -> np.ndarray:
+  """[R] KL of each bit-width row, the mean over the image sets."""
+  values = [np.asarray(kl_rows(v, jnp.asarray(rows), jnp.asarray(x)), np.float64) for v, x in sets]
+  return np.mean(values, axis=0)
+
+
+def sensitivities(planned, sets, log=print) -> tuple[dict[tuple[int, int], float], float]:
+  """{(slot, bits): Ω} for every bit-width the allocation may choose (the mean over the
+  image sets; measured at the W3 budget three sets did not make the allocation better or
+  steadier: README), and the seconds it took."""
+  spec, model, slots, pins = planned
+  measured = _measured_rows(spec, slots, pins)
+  keys = [(i, b) for i, bits in measured for b in bits]
+  t0 = time.perf_counter()
+  values = _mean_kl(kl_program(model, slots), sets, sensitivity_rows(slots, measured))
+  seconds = time.perf_counter() - t0
   log(
     f"Mixed precision: {len(keys)} sensitivities on {spec.image_sets} x {spec.images} "
-    f"{spec.source} images in {timings['sensitivity_s']:.1f} s."
+    f"{spec.source} images in {seconds:.1f} s."
   )
-  return dict(zip(keys, (float(v) for v in total / spec.image_sets))), timings
+  return dict(zip(keys, (float(v) for v in values))), seconds
+
+
+def allocation_row(config, slots: list[Slot], bits: dict[int, int]) -> np.ndarray:
+  """[S] the bit-width of every slot in the network of allocation `bits` (the slots it
+  does not allocate at the config's own widths)."""
+  policy = policy_from_config(with_rules(config, allocation_rules(slots, bits)))
+  return np.array([_policy_bits(policy, s) for s in slots], np.float32)
+
+
+def refine_allocation(config, planned, sets, bits: dict[int, int], log=print):
+  """quant.mixed.refine rounds of a sensitivity measured around the allocation.
+
+  Round r measures the whole-network KL of allocation r and, for every allocated slot i
+  and candidate b, the KL of allocation r with slot i at b; the exact allocation under
+  these in-context sensitivities (the first-order model KL ≈ Σ_i Ω_i(b_i | rest)) is
+  allocation r + 1. Stops early when an allocation comes back.
+
+  Returns:
+    (the allocation of smallest measured KL, the rounds [{round, kl, bits}], seconds).
+  """
+  spec, model, slots, pins = planned
+  kl_rows, t0 = kl_program(model, slots), time.perf_counter()
+  widths = _measured_rows(spec, slots, pins)
+  seen, rounds, current = [], [], bits
+  for r in range(spec.refine + 1):
+    base = allocation_row(config, slots, current)
+    keys = [] if r == spec.refine else [(i, b) for i, bs in widths for b in bs if b != base[i]]
+    rows = [base]
+    for i, b in keys:
+      rows.append(base.copy())
+      rows[-1][i] = b
+    values = _mean_kl(kl_rows, sets, np.stack(rows))
+    rounds.append(
+      {"round": r, "kl": float(values[0]), "bits": [current[i] for i in sorted(current)]}
+    )
+    seen.append(current)
+    log(f"Mixed precision: refinement round {r}, whole-network KL {values[0]:.5f}.")
+    if not keys:
+      break
+    in_context = {(i, int(base[i])): float(values[0]) for i in current}
+    in_context.update(zip(keys, (float(v) for v in values[1:])))
+    current = allocate_bits(spec, slots, pins, in_context)
+    if current in seen:
+      break
+  best = min(range(len(rounds)), key=lambda k: rounds[k]["kl"])
+  return seen[best], rounds, time.perf_counter() - t0
 
 
 def allocate_bits(spec, slots, pins, sens) -> dict[int, int]:
@@ -583,9 +653,24 @@ def resolve(config, workdir: str, planned, teacher_vars, image_shape, norm, log=
     log(f"Mixed precision: the allocation of {path} (W {report['avg_w_bits']:.2f} bits).")
     return with_rules(config, report["rules"]), report
   spec, _, slots, pins = planned
-  sens, timings = sensitivities(config, planned, teacher_vars, image_shape, norm, log)
+  sets, timings = [], {}
+  if not spec.sensitivity_path or spec.refine:
+    sets, timings["synthesis_s"] = measurement_sets(
+      config, planned, teacher_vars, image_shape, norm, log
+    )
+  if spec.sensitivity_path:
+    sens = _reused_sensitivity(spec.sensitivity_path, slots, _measured_rows(spec, slots, pins))
+    timings["reused"] = True
+  else:
+    sens, timings["sensitivity_s"] = sensitivities(planned, sets, log)
   bits = allocate_bits(spec, slots, pins, sens)
+  refinement = None
+  if spec.refine:
+    bits, rounds, seconds = refine_allocation(config, planned, sets, bits, log)
+    refinement = {"rounds": rounds, "refine_s": seconds}
   report = build_report(config, planned, sens, bits, timings)
+  if refinement:
+    report["refinement"] = refinement
   if metrics_lib.is_writer():
     metrics_lib.write_json_atomic(path, report)
     write_plot(os.path.join(workdir, PLOT_FILE), report)
