@@ -30,6 +30,11 @@ pareto.md, pareto.png.
 draws top-1 against iterations of training runs (their metrics.jsonl), the FP level and
 each run's no-training floor marked (dfq_jax/curves.py); no --config needed.
 
+  python -m dfq_jax.bench convs [--steps 20]
+times forward + backward of the 3x3 convolutions of ResNet-20 and ResNet-18 in XLA's
+float32 and bfloat16 convolutions and as im2col + bfloat16 dot (dfq_jax/conv_bench.py):
+one JSON line per shape; no --config needed.
+
   python -m dfq_jax.bench compare --config configs/cifar10_resnet20.py:adadfq,w4a4 \
       [--batch 16] [--steps 10] [--warmup 3] [--rounds 3] [--torch_python PYTHON] \
       [--peak_gflops 209] [--config.x=y ...]
@@ -57,7 +62,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfq_jax import config_base, mixed_grid, networks, ptq_grid, trainer
+from dfq_jax import config_base, conv_bench, mixed_grid, networks, ptq_grid, trainer
 from dfq_jax import curves as curves_lib
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import run as run_lib
@@ -368,11 +373,15 @@ def curves(runs: list[str], labels: list[str], out: str) -> list:
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # runs print progress and results, not INFO
-  if len(argv) != 2 or argv[1] not in ("speed", "accuracy", "compare", "ptq", "mixed", "curves"):
+  commands = ("speed", "accuracy", "compare", "ptq", "mixed", "curves", "convs")
+  if len(argv) != 2 or argv[1] not in commands:
     raise app.UsageError(
-      "usage: python -m dfq_jax.bench speed|accuracy|compare|ptq|mixed|curves --config "
-      "FILE[:args] ..."
+      f"usage: python -m dfq_jax.bench {'|'.join(commands)} --config FILE[:args] ..."
     )
+  if argv[1] == "convs":
+    for row in conv_bench.conv_table(_STEPS.value):
+      print(json.dumps(row), flush=True)
+    return
   if argv[1] == "curves":
     for c in curves(_RUNS.value, _LABELS.value, _OUT.value):
       print(

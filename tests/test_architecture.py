@@ -60,6 +60,7 @@ LAYERS = {
   "dfq_jax.bench": 6,
   "dfq_jax.ptq_grid": 6,
   "dfq_jax.mixed_grid": 6,
+  "dfq_jax.conv_bench": 6,
   "dfq_jax.generators.bench_subpixel": 6,
   "dfq_jax.reference": 6,
 }
