@@ -281,6 +281,30 @@ def _checked_torch_python(torch_python: str) -> str:
   return torch_python
 
 
+# config.teacher.model -> the torch reference's --network (same architecture, generator).
+_TORCH_NETWORKS = {
+  "resnet20_cifar": "resnet20",
+  "resnet18": "resnet18",
+  "mobilenetv2": "mobilenetv2",
+}
+
+
+def _torch_network(config) -> str:
+  """The reference's --network for `config`, checked before any work (ValueError)."""
+  if config.method != "adadfq":
+    raise ValueError(
+      f"compare times the AdaDFQ loop; the config's method is {config.method!r}: "
+      "use the config argument 'adadfq' (e.g. configs/cifar10_resnet20.py:adadfq,w4a4)."
+    )
+  if config.teacher.model not in _TORCH_NETWORKS:
+    raise ValueError(
+      f"the torch reference has no {config.teacher.model!r}: compare runs "
+      f"{', '.join(_TORCH_NETWORKS)} (configs cifar10_resnet20, imagenet_resnet18, "
+      "imagenet_mobilenetv2)."
+    )
+  return _TORCH_NETWORKS[config.teacher.model]
+
+
 def compare(
   config,
   config_arg: str,
@@ -313,6 +337,7 @@ def compare(
   given_config, (path, colon, args) = config_arg, config_arg.partition(":")
   if os.path.exists(path):
     config_arg = os.path.abspath(path) + colon + args
+  network = _torch_network(config)
   torch_python = _checked_torch_python(torch_python)
   batch = batch or config.batch_size
   w_bits, a_bits = config.quant.w_bits, config.quant.a_bits
@@ -321,6 +346,7 @@ def compare(
   torch_cmd = [torch_python, _TORCH_REFERENCE, "--batch", str(batch), "--steps", str(steps)]
   torch_cmd += ["--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
   torch_cmd += ["--frozen-teacher"] if torch_frozen_teacher else []
+  torch_cmd += ["--network", network]
   jax_rows, torch_rows = [], []
   for _ in range(rounds):
     jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
@@ -334,6 +360,7 @@ def compare(
     "config": given_config,
     "overrides": overrides,
     "method": config.method,
+    "network": network,
     "bits": f"w{w_bits}a{a_bits}",
     "batch": batch,
     "steps": steps,
@@ -416,8 +443,9 @@ def main(argv):
         _PEAK_GFLOPS.value,
         _TORCH_FROZEN.value,
       )
-    except TorchMissingError as e:
-      sys.exit(f"error: {e}")
+    except (TorchMissingError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
     print(json.dumps(row))
   elif argv[1] == "mixed":
     mixed_grid.pareto(

@@ -1,5 +1,6 @@
 """The eager PyTorch AdaDFQ reference is the spec's algorithm, and `bench compare` runs it."""
 
+import copy
 import json
 import math
 import os
@@ -80,6 +81,38 @@ def test_student_structure():
   assert not any(type(m) in (torch.nn.Conv2d, torch.nn.Linear) for m in mods)
   assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in step.teacher.modules()) == 19
   assert step.generator(torch.randn(2, 100), torch.tensor([0, 1])).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize(
+  "network, parameters, acts, quantized, bns",
+  [("resnet18", 11_689_512, 17, 21, 20), ("mobilenetv2", 3_504_960, 36, 54, 53)],
+)
+def test_imagenet_networks_are_the_pytorchcv_architectures(
+  network, parameters, acts, quantized, bns
+):
+  generator, teacher, classes, temperature = ref.build_networks(network)
+  # pytorchcv resnet18 / mobilenetv2_w1 parameter counts; the ImageNet generator of §2.2.
+  assert sum(p.numel() for p in teacher.parameters()) == parameters
+  assert (classes, temperature) == (1000, 5.0)
+  assert generator.fc.out_features == 128 * 56 * 56
+  images = generator.train()(torch.randn(2, 100), torch.tensor([3, 999]))
+  assert images.shape == (2, 3, 224, 224)
+  assert teacher.eval()(images).shape == (2, 1000)
+  student = ref.quantize_model(copy.deepcopy(teacher), 4, 4)
+  mods = list(student.modules())
+  assert sum(isinstance(m, ref.QuantAct) for m in mods) == acts  # after every ReLU(6)
+  assert sum(isinstance(m, (ref.QuantConv2d, ref.QuantLinear)) for m in mods) == quantized
+  assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules()) == bns
+  with pytest.raises(ValueError, match="unknown --network"):
+    ref.build_networks("vgg16")
+
+
+def test_imagenet_step_losses_at_initialisation():
+  losses = ref.AdaDFQStep(batch=2, network="resnet18").step()
+  # Q = 4-bit copy of P: t - q is nearly constant, H ~ log 1000, so L_Q ~ -5^2 log 1000.
+  assert abs(float(losses["loss_Q"]) + 25 * math.log(1000)) < 0.5
+  assert abs(float(losses["ce_ds"]) - math.log(1000)) < 0.5
+  assert all(math.isfinite(float(v)) for v in losses.values())
 
 
 def test_teacher_gradients_as_in_the_original_code_unless_frozen():
@@ -172,3 +205,24 @@ def test_bench_compare_without_torch_says_how_to_install():
   proc = _compare("--torch_python=/bin/false")
   assert proc.returncode != 0
   assert "pip install torch==2.13.0" in proc.stderr and "--torch_python" in proc.stderr
+
+
+@pytest.mark.parametrize(
+  "config, message",
+  [
+    ("configs/cifar10_resnet20.py:gdfq,w4a4", "times the AdaDFQ loop"),
+    ("configs/imagenet_resnet50.py:adadfq,w4a4", "has no 'resnet50'"),
+  ],
+)
+def test_bench_compare_refuses_what_the_reference_cannot_run(config, message):
+  proc = subprocess.run(
+    [sys.executable, "-m", "dfq_jax.bench", "compare", f"--config={config}", "--rounds=1"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]

@@ -1,4 +1,5 @@
-r"""Eager PyTorch reference of one AdaDFQ training iteration (CIFAR-10 ResNet-20).
+r"""Eager PyTorch reference of one AdaDFQ training iteration (CIFAR-10 ResNet-20; ImageNet
+ResNet-18 and MobileNetV2 with `--network`).
 
 This is the speed baseline of `python -m dfq_jax.bench compare`: what a PyTorch user of the
 original (GDFQ-lineage) code runs today. It is NOT a dependency of dfq_jax and nothing in
@@ -36,9 +37,19 @@ Models:
      (min/max of the current weight, STE); a per-tensor QuantAct follows every ReLU module
      (GDFQ's bias-corrected EMA range, asymmetric fake quant of §2.3, STE). Eval mode.
 
+ImageNet (`--network resnet18|mobilenetv2`, 1000 classes, 224x224, T = 5, §2.2, §5.2):
+  G: GDFQ's ImageNet generator: Linear(100, 128*56*56) (no label embedding on z) ->
+     CCBN(128) -> up x2 -> conv 128->128 -> CCBN(128, eps 0.8) -> LReLU -> up x2 ->
+     conv 128->64 -> CCBN(64, eps 0.8) -> LReLU -> conv 64->3 -> tanh -> BN(3, affine=False);
+     CCBN = affine-free BN, then scale[y] / shift[y] from embeddings initialised 1 / 0.
+  P: pytorchcv-layout ResNet-18 (7x7/2 stem + BN + ReLU + 3x3/2 max pool, 4 stages of 2
+     basic blocks, 1x1-conv + BN projection shortcuts, each ReLU its own module), or
+     pytorchcv MobileNetV2 w1 (expansion conv also in the first block, ReLU6, 1x1-conv
+     classifier without bias). Q quantized as above (a QuantAct after every ReLU/ReLU6).
+
 Run:
   python -m dfq_jax.reference.torch_adadfq --batch 16 --steps 10 --warmup 3 \
-      [--bits 4] [--threads N] [--channels-last]
+      [--bits 4] [--threads N] [--channels-last] [--network resnet20|resnet18|mobilenetv2]
 prints one JSON line: median/min/max step time (a step is timed from sampling z to after
 the Q optimizer step), images/s, torch version and threads, and the step-0 losses.
 """
@@ -59,6 +70,8 @@ from torch import nn
 LATENT = 100
 NUM_CLASSES = 10
 TEMPERATURE = 20.0  # AdaDFQ's Q-loss temperature, hard-coded 20 for CIFAR (§5.1)
+IMAGENET_TEMPERATURE = 5.0  # and 5 for ImageNet
+NETWORKS = ("resnet20", "resnet18", "mobilenetv2")
 ADADFQ = dict(lambda_l=0.1, lambda_u=0.8, alpha_ds=0.2, alpha_as=0.1, beta=1.0, gamma=1.0)
 
 
@@ -231,6 +244,45 @@ class Generator(nn.Module):
     return self.bn_out(torch.tanh(self.conv3(h)))
 
 
+class CondBatchNorm2d(nn.Module):
+  """Categorical conditional BN (§2.2): affine-free BN, then scale[y] and shift[y]."""
+
+  def __init__(self, num_classes: int, channels: int, eps: float = 1e-5):
+    super().__init__()
+    self.bn = nn.BatchNorm2d(channels, eps=eps, affine=False)
+    self.scale = nn.Embedding(num_classes, channels)
+    self.shift = nn.Embedding(num_classes, channels)
+    nn.init.ones_(self.scale.weight)
+    nn.init.zeros_(self.shift.weight)
+
+  def forward(self, x, y):
+    return self.bn(x) * self.scale(y)[:, :, None, None] + self.shift(y)[:, :, None, None]
+
+
+class GeneratorImagenet(nn.Module):
+  """GDFQ's ImageNet generator (methods.md §2.2), torch default init, train mode."""
+
+  def __init__(self, num_classes: int = 1000, latent: int = LATENT, image_size: int = 224):
+    super().__init__()
+    self.s0, self.width = image_size // 4, 128
+    self.fc = nn.Linear(latent, self.width * self.s0 * self.s0)
+    self.bn0 = CondBatchNorm2d(num_classes, self.width)
+    self.conv1 = nn.Conv2d(self.width, self.width, 3, padding=1)
+    self.bn1 = CondBatchNorm2d(num_classes, self.width, eps=0.8)
+    self.conv2 = nn.Conv2d(self.width, self.width // 2, 3, padding=1)
+    self.bn2 = CondBatchNorm2d(num_classes, self.width // 2, eps=0.8)
+    self.conv3 = nn.Conv2d(self.width // 2, 3, 3, padding=1)
+    self.bn_out = nn.BatchNorm2d(3, affine=False)
+
+  def forward(self, z, y):
+    h = self.fc(z).view(z.shape[0], self.width, self.s0, self.s0)
+    h = F.interpolate(self.bn0(h, y), scale_factor=2, mode="nearest")
+    h = F.leaky_relu(self.bn1(self.conv1(h), y), 0.2)
+    h = F.interpolate(h, scale_factor=2, mode="nearest")
+    h = F.leaky_relu(self.bn2(self.conv2(h), y), 0.2)
+    return self.bn_out(torch.tanh(self.conv3(h)))
+
+
 class BasicBlock(nn.Module):
   """conv3x3-BN-ReLU-conv3x3-BN + option-A shortcut, then ReLU (each ReLU its own module)."""
 
@@ -273,6 +325,110 @@ class ResNet20(nn.Module):
   def forward(self, x):
     x = self.blocks(self.relu(self.bn1(self.conv1(x))))
     return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ImagenetBasicBlock(nn.Module):
+  """conv3x3-BN-ReLU-conv3x3-BN + identity or conv1x1-BN projection, then ReLU."""
+
+  def __init__(self, in_planes: int, planes: int, stride: int):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.relu1 = nn.ReLU()
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.relu2 = nn.ReLU()
+    self.shortcut = None
+    if stride != 1 or in_planes != planes:
+      self.shortcut = nn.Sequential(
+        nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+      )
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+    return self.relu2(out + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class ResNet18(nn.Module):
+  """ImageNet ResNet-18, pytorchcv layout: 7x7/2 stem, 3x3/2 max pool, widths 64-512."""
+
+  def __init__(self, num_classes: int = 1000):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    self.bn1 = nn.BatchNorm2d(64)
+    self.relu = nn.ReLU()
+    blocks, in_planes = [], 64
+    for stage, planes in enumerate((64, 128, 256, 512)):
+      for i in range(2):
+        blocks.append(ImagenetBasicBlock(in_planes, planes, 2 if (stage and i == 0) else 1))
+        in_planes = planes
+    self.blocks = nn.Sequential(*blocks)
+    self.fc = nn.Linear(512, num_classes)
+
+  def forward(self, x):
+    x = F.max_pool2d(self.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+    return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1))
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act=True):
+  layers = [
+    nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+    nn.BatchNorm2d(cout),
+  ]
+  return nn.Sequential(*layers, nn.ReLU6()) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+  """conv1x1-BN-ReLU6 - dw3x3-BN-ReLU6 - conv1x1-BN (+ input at stride 1, equal widths)."""
+
+  def __init__(self, cin: int, cout: int, expansion: int, stride: int):
+    super().__init__()
+    mid = cin * expansion
+    self.body = nn.Sequential(
+      _conv_bn(cin, mid, 1),
+      _conv_bn(mid, mid, 3, stride, groups=mid),
+      _conv_bn(mid, cout, 1, act=False),
+    )
+    self.residual = stride == 1 and cin == cout
+
+  def forward(self, x):
+    return x + self.body(x) if self.residual else self.body(x)
+
+
+class MobileNetV2(nn.Module):
+  """pytorchcv `mobilenetv2_w1`: expansion conv in every block (the first's 32->32 too),
+  head conv1x1 1280 + BN + ReLU6, 1x1-conv classifier without bias."""
+
+  SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+  SETTING += ((6, 160, 3, 2), (6, 320, 1, 1))
+
+  def __init__(self, num_classes: int = 1000):
+    super().__init__()
+    layers, cin = [_conv_bn(3, 32, 3, 2)], 32
+    for t, c, n, s in self.SETTING:
+      for i in range(n):
+        layers.append(InvertedResidual(cin, c, t, s if i == 0 else 1))
+        cin = c
+    layers.append(_conv_bn(cin, 1280, 1))
+    self.features = nn.Sequential(*layers)
+    self.output = nn.Conv2d(1280, num_classes, 1, bias=False)
+
+  def forward(self, x):
+    x = F.adaptive_avg_pool2d(self.features(x), 1)
+    return torch.flatten(self.output(x), 1)
+
+
+def build_networks(network: str, channels_last: bool = False):
+  """(generator, teacher, num_classes, Q-loss temperature) of `network` (NETWORKS)."""
+  if network == "resnet20":
+    return Generator(channels_last=channels_last), ResNet20(), NUM_CLASSES, TEMPERATURE
+  if network == "resnet18":
+    teacher = ResNet18()
+  elif network == "mobilenetv2":
+    teacher = MobileNetV2()
+  else:
+    raise ValueError(f"unknown --network {network!r}: use one of {', '.join(NETWORKS)}.")
+  return GeneratorImagenet(), teacher, 1000, IMAGENET_TEMPERATURE
 
 
 # ----------------------------------------------------------------------------- losses
@@ -320,11 +476,13 @@ class AdaDFQStep:
     channels_last: bool = False,
     seed: int = 0,
     frozen_teacher: bool = False,
+    network: str = "resnet20",
   ):
     torch.manual_seed(seed)
     self.batch = batch
-    self.generator = Generator(channels_last=channels_last).train()
-    teacher = ResNet20().eval()
+    generator, teacher, self.num_classes, self.temperature = build_networks(network, channels_last)
+    self.generator = generator.train()
+    teacher = teacher.eval()
     self.student = quantize_model(copy.deepcopy(teacher), w_bits, a_bits).eval()
     if frozen_teacher:
       teacher.requires_grad_(False)
@@ -349,7 +507,7 @@ class AdaDFQStep:
   def step(self) -> dict:
     hp = ADADFQ
     z = torch.randn(self.batch, LATENT)
-    y = torch.randint(0, NUM_CLASSES, (self.batch,))
+    y = torch.randint(0, self.num_classes, (self.batch,))
     x = self.generator(z, y)
     self._bn_stats.clear()
     t = self.teacher(x)
@@ -366,7 +524,7 @@ class AdaDFQStep:
     self.opt_g.step()
 
     q2 = self.student(x.detach())
-    loss_q = adadfq_q_loss(t.detach(), q2)
+    loss_q = adadfq_q_loss(t.detach(), q2, self.temperature)
     self.opt_q.zero_grad()  # drops the student grads left by the generator's backward
     loss_q.backward()
     self.opt_q.step()
@@ -391,12 +549,13 @@ def benchmark(
   channels_last: bool = False,
   seed: int = 0,
   frozen_teacher: bool = False,
+  network: str = "resnet20",
 ) -> dict:
   if steps < 1 or warmup < 0 or batch < 2:
     raise ValueError(f"need steps >= 1, warmup >= 0, batch >= 2; got {steps}, {warmup}, {batch}")
   if threads:
     torch.set_num_threads(threads)
-  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher)
+  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher, network)
   losses0, times = None, []
   for i in range(warmup + steps):
     if i == max(warmup, 1):  # ranges freeze (after >= 1 update), as after a run's first epochs
@@ -413,6 +572,7 @@ def benchmark(
   median = statistics.median(times)
   return {
     "impl": "torch",
+    "network": network,
     "batch": batch,
     "bits": f"w{w_bits}a{a_bits}",
     "median_step_s": median,
@@ -446,6 +606,7 @@ def main(argv=None):
     action="store_true",
     help="skip the teacher's weight gradients (the original code computes them)",
   )
+  p.add_argument("--network", choices=NETWORKS, default="resnet20")
   args = p.parse_args(argv)
   row = benchmark(
     args.batch,
@@ -457,6 +618,7 @@ def main(argv=None):
     args.channels_last,
     args.seed,
     args.frozen_teacher,
+    args.network,
   )
   print(json.dumps(row), flush=True)
 
