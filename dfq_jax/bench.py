@@ -347,6 +347,8 @@ def compare(
   torch_cmd += ["--warmup", str(warmup), "--bits", str(w_bits), "--abits", str(a_bits)]
   torch_cmd += ["--frozen-teacher"] if torch_frozen_teacher else []
   torch_cmd += ["--network", network]
+  bf16 = config.compute_dtype == "bfloat16"  # then torch.autocast(cpu, bfloat16) too
+  torch_cmd += ["--bf16"] if bf16 else []
   jax_rows, torch_rows = [], []
   for _ in range(rounds):
     jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
@@ -361,6 +363,7 @@ def compare(
     "overrides": overrides,
     "method": config.method,
     "network": network,
+    "compute_dtype": config.compute_dtype,
     "bits": f"w{w_bits}a{a_bits}",
     "batch": batch,
     "steps": steps,

@@ -226,3 +226,11 @@ def test_bench_compare_refuses_what_the_reference_cannot_run(config, message):
   assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+
+
+def test_bf16_autocast_step_matches_float32_up_to_bf16_rounding():
+  f32 = ref.AdaDFQStep(batch=4, seed=3).step()
+  bf16 = ref.AdaDFQStep(batch=4, seed=3, bf16=True).step()
+  for key in ("loss_Q", "ce_ds", "ce_as", "bns", "loss_G"):
+    assert float(bf16[key]) == pytest.approx(float(f32[key]), rel=3e-2), key
+  assert float(bf16["bns"]) != float(f32["bns"])  # really ran in bfloat16

@@ -50,6 +50,7 @@ ImageNet (`--network resnet18|mobilenetv2`, 1000 classes, 224x224, T = 5, §2.2,
 Run:
   python -m dfq_jax.reference.torch_adadfq --batch 16 --steps 10 --warmup 3 \
       [--bits 4] [--threads N] [--channels-last] [--network resnet20|resnet18|mobilenetv2]
+      [--bf16]
 prints one JSON line: median/min/max step time (a step is timed from sampling z to after
 the Q optimizer step), images/s, torch version and threads, and the step-0 losses.
 """
@@ -477,9 +478,11 @@ class AdaDFQStep:
     seed: int = 0,
     frozen_teacher: bool = False,
     network: str = "resnet20",
+    bf16: bool = False,
   ):
     torch.manual_seed(seed)
     self.batch = batch
+    self.bf16 = bf16
     generator, teacher, self.num_classes, self.temperature = build_networks(network, channels_last)
     self.generator = generator.train()
     teacher = teacher.eval()
@@ -501,17 +504,24 @@ class AdaDFQStep:
 
   def _bn_hook(self, module, inputs, output):
     del output
-    var, mean = torch.var_mean(inputs[0], dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3), correction=0)
     self._bn_stats.append((mean, var, module.running_mean, module.running_var))
+
+  def _autocast(self):
+    """bf16: torch.autocast (CPU, bfloat16) around the networks' forwards (convs and
+    matmuls in bfloat16, as torch decides; BN and fake quant then see bfloat16 inputs);
+    the losses and optimizers stay float32."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
 
   def step(self) -> dict:
     hp = ADADFQ
     z = torch.randn(self.batch, LATENT)
     y = torch.randint(0, self.num_classes, (self.batch,))
-    x = self.generator(z, y)
     self._bn_stats.clear()
-    t = self.teacher(x)
-    q = self.student(x)
+    with self._autocast():
+      x = self.generator(z, y)
+      self._bn_stats.clear()
+      t, q = self.teacher(x).float(), self.student(x).float()
     terms = adadfq_generator_terms(t, q, y, hp["lambda_l"], hp["lambda_u"])
     bns = bn_stat_loss(self._bn_stats)
     loss_g = (
@@ -523,7 +533,8 @@ class AdaDFQStep:
     loss_g.backward()
     self.opt_g.step()
 
-    q2 = self.student(x.detach())
+    with self._autocast():
+      q2 = self.student(x.detach()).float()
     loss_q = adadfq_q_loss(t.detach(), q2, self.temperature)
     self.opt_q.zero_grad()  # drops the student grads left by the generator's backward
     loss_q.backward()
@@ -550,12 +561,13 @@ def benchmark(
   seed: int = 0,
   frozen_teacher: bool = False,
   network: str = "resnet20",
+  bf16: bool = False,
 ) -> dict:
   if steps < 1 or warmup < 0 or batch < 2:
     raise ValueError(f"need steps >= 1, warmup >= 0, batch >= 2; got {steps}, {warmup}, {batch}")
   if threads:
     torch.set_num_threads(threads)
-  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher, network)
+  runner = AdaDFQStep(batch, w_bits, a_bits, channels_last, seed, frozen_teacher, network, bf16)
   losses0, times = None, []
   for i in range(warmup + steps):
     if i == max(warmup, 1):  # ranges freeze (after >= 1 update), as after a run's first epochs
@@ -573,6 +585,7 @@ def benchmark(
   return {
     "impl": "torch",
     "network": network,
+    "bf16": bf16,
     "batch": batch,
     "bits": f"w{w_bits}a{a_bits}",
     "median_step_s": median,
@@ -607,6 +620,7 @@ def main(argv=None):
     help="skip the teacher's weight gradients (the original code computes them)",
   )
   p.add_argument("--network", choices=NETWORKS, default="resnet20")
+  p.add_argument("--bf16", action="store_true", help="torch.autocast(cpu, bfloat16) forwards")
   args = p.parse_args(argv)
   row = benchmark(
     args.batch,
@@ -619,6 +633,7 @@ def main(argv=None):
     args.seed,
     args.frozen_teacher,
     args.network,
+    args.bf16,
   )
   print(json.dumps(row), flush=True)
 
