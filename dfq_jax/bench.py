@@ -44,10 +44,21 @@ warm-up) and the eager PyTorch reference dfq_jax/reference/torch_adadfq.py (J T 
 medians for each, speedup = torch / JAX, JAX compile_s, flops_per_step and the fraction of
 the --peak_gflops matmul peak (209: numpy sgemm on the project's CPU). Needs torch for
 --torch_python (default: this Python): `pip install torch==2.13.0`.
+
+  python -m dfq_jax.bench synth --config configs/imagenet_resnet18.py:zeroq_ptq,w4a4 \
+      [--batch 64] [--steps 10] [--warmup 3] [--rounds 3] [--torch_python PYTHON]
+times the PTQ image synthesis (methods zeroq_ptq, dsg_ptq): alternates, each in a fresh
+subprocess, our jitted synthesis step (dfq_jax/ptq/synthesis.py; `synth_speed`, which
+prints one JSON line: median step after compile + warm-up, compile_s, flops_per_step,
+images/s) and the eager PyTorch reference dfq_jax/reference/torch_ptq.py with the config's
+preset (--preset zeroq|dsg) and network, and prints one JSON line: per-round medians, the
+medians, speedup = torch / JAX. --batch defaults to the config's ptq.batch_size; the torch
+reference runs float32 whatever compute_dtype says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -62,14 +73,17 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfq_jax import config_base, conv_bench, mixed_grid, networks, ptq_grid, trainer
+from dfq_jax import config_base, conv_bench, mixed_grid, networks, ptq_grid, trainer, xla_options
 from dfq_jax import curves as curves_lib
 from dfq_jax import metrics as metrics_lib
 from dfq_jax import run as run_lib
 from dfq_jax.models import teacher as teacher_lib
+from dfq_jax.ptq import synthesis
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:args].", lock_config=True)
-_BATCH = flags.DEFINE_integer("batch", None, "speed: global batch size (default: config's).")
+_BATCH = flags.DEFINE_integer(
+  "batch", None, "speed: global batch size (default: config's); synth: images (ptq.batch_size)."
+)
 _STEPS = flags.DEFINE_integer("steps", 20, "speed: timed iterations; accuracy: total_steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "speed: untimed iterations after compilation.")
 _METHODS = flags.DEFINE_list("methods", ["gdfq", "dsg", "adadfq"], "accuracy: methods.")
@@ -88,9 +102,9 @@ _BUDGETS = flags.DEFINE_list(
 _SOURCES = flags.DEFINE_list("sources", ["dsg"], "mixed: sensitivity image sources.")
 _RUNS = flags.DEFINE_list("runs", [], "curves: workdirs of training runs.")
 _LABELS = flags.DEFINE_list("labels", [], "curves: one label per run (default: dir name).")
-_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare: alternating rounds (JAX, torch) each.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "compare, synth: alternating rounds (JAX, torch) each.")
 _TORCH_PYTHON = flags.DEFINE_string(
-  "torch_python", sys.executable, "compare: Python executable that has torch installed."
+  "torch_python", sys.executable, "compare, synth: Python executable that has torch installed."
 )
 _TORCH_FROZEN = flags.DEFINE_bool(
   "torch_frozen_teacher",
@@ -107,20 +121,23 @@ _PEAK_GFLOPS = flags.DEFINE_float(
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_REFERENCE = os.path.join(_ROOT, "dfq_jax", "reference", "torch_adadfq.py")
+_TORCH_PTQ_MODULE = "dfq_jax.reference.torch_ptq"  # run with -m from _ROOT (it imports
+# the networks of torch_adadfq; dfq_jax/__init__ imports nothing, so torch-only Pythons work)
+
+
+def _teacher_variables(config) -> dict:
+  """The teacher's weights, or a random teacher (the weights do not change the speed)."""
+  if config.teacher.weights:
+    return teacher_lib.load_teacher(config)
+  shape = (1, config.image_size, config.image_size, config.channels)
+  return teacher_lib.teacher_model(config).init(jax.random.key(0), np.zeros(shape, np.float32))
 
 
 def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
   """Times the full training iteration (generator step + student step)."""
   if batch:
     config.batch_size = batch
-  shape = (1, config.image_size, config.image_size, config.channels)
-  if config.teacher.weights:
-    teacher_vars = teacher_lib.load_teacher(config)
-  else:
-    teacher_vars = teacher_lib.teacher_model(config).init(
-      jax.random.key(0), np.zeros(shape, np.float32)
-    )
-  models = networks.build_models(config, teacher_vars)
+  models = networks.build_models(config, _teacher_variables(config))
   setup = trainer.setup_training(config, models)
   state, teacher, constants, step = (
     setup.state,
@@ -161,6 +178,70 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
     "timed_steps": steps,
+  }
+
+
+def synthesis_speed(config, batch: int | None, steps: int, warmup: int) -> dict:
+  """Times our jitted PTQ synthesis step (`synthesis.make_synthesizer`) of config.ptq.
+
+  The median of `steps` timed steps after compilation and `warmup` untimed steps;
+  flops_per_step from XLA's cost analysis of the compiled step, images [batch, H, W, C].
+  """
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"need --steps >= 1 and --warmup >= 0; got {steps}, {warmup}")
+  hp = synthesis.PtqHparams.from_config(config)
+  if batch:
+    hp = dataclasses.replace(hp, batch_size=batch)
+  image_shape = (config.image_size, config.image_size, config.channels)
+  key = jax.random.key(config.seed)
+  synth = synthesis.make_synthesizer(
+    hp,
+    teacher_lib.teacher_model(config),
+    _teacher_variables(config),
+    jax.random.fold_in(key, 0),
+    image_shape,
+    config.num_classes,
+    compiler_options=xla_options.compiler_options(config.cpu_conv_kernels),
+  )
+  carry = synth.init_carry(jax.random.fold_in(key, 1))
+  labels = jax.random.randint(jax.random.fold_in(key, 2), (hp.batch_size,), 0, config.num_classes)
+  labels = jax.device_put(labels, synth.batch_sharding)
+  k_steps = jax.random.fold_in(key, 3)
+  t0 = time.perf_counter()
+  compiled = synth.step.lower(carry, labels, k_steps).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float((cost or {}).get("flops", float("nan")))
+  times, terms0 = [], None
+  for t in range(warmup + steps):
+    t0 = time.perf_counter()
+    carry, metrics = compiled(carry, labels, jax.random.fold_in(k_steps, t))
+    jax.block_until_ready(metrics)
+    if t >= warmup:
+      times.append(time.perf_counter() - t0)
+    if t == 0:
+      terms0 = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  median = statistics.median(times)
+  return {
+    "impl": "jax",
+    "method": config.method,
+    "model": config.teacher.model,
+    "compute_dtype": config.compute_dtype,
+    "batch": hp.batch_size,
+    "median_step_s": median,
+    "min_step_s": min(times),
+    "max_step_s": max(times),
+    "steps_per_s": 1.0 / median,
+    "images_per_s": hp.batch_size / median,
+    "compile_s": compile_s,
+    "flops_per_step": flops,
+    "gflops_per_s": flops / median / 1e9,
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "timed_steps": steps,
+    "warmup": warmup,
+    "losses_step0": terms0,
   }
 
 
@@ -262,7 +343,7 @@ def _run_json(cmd: list[str], what: str) -> dict:
   return json.loads(lines[-1])
 
 
-def _checked_torch_python(torch_python: str) -> str:
+def _checked_torch_python(torch_python: str, command: str = "compare") -> str:
   """`torch_python` made absolute; raises TorchMissingError if it cannot import torch."""
   if os.sep in torch_python and os.path.exists(torch_python):
     torch_python = os.path.abspath(torch_python)
@@ -274,7 +355,7 @@ def _checked_torch_python(torch_python: str) -> str:
   )
   if probe.returncode != 0:
     raise TorchMissingError(
-      f"compare needs PyTorch, which {torch_python!r} cannot import. Install it with "
+      f"{command} needs PyTorch, which {torch_python!r} cannot import. Install it with "
       f"`{torch_python} -m pip install torch==2.13.0` (CPU wheel), or pass "
       "--torch_python=/path/to/another/venv/bin/python that has it."
     )
@@ -296,13 +377,107 @@ def _torch_network(config) -> str:
       f"compare times the AdaDFQ loop; the config's method is {config.method!r}: "
       "use the config argument 'adadfq' (e.g. configs/cifar10_resnet20.py:adadfq,w4a4)."
     )
+  return _reference_network(config, "compare")
+
+
+def _reference_network(config, command: str) -> str:
+  """The torch references' --network for config.teacher.model (ValueError if none)."""
   if config.teacher.model not in _TORCH_NETWORKS:
     raise ValueError(
-      f"the torch reference has no {config.teacher.model!r}: compare runs "
+      f"the torch reference has no {config.teacher.model!r}: {command} runs "
       f"{', '.join(_TORCH_NETWORKS)} (configs cifar10_resnet20, imagenet_resnet18, "
       "imagenet_mobilenetv2)."
     )
   return _TORCH_NETWORKS[config.teacher.model]
+
+
+# config.method -> the PTQ reference's --preset (config_base.PTQ_PRESETS).
+_TORCH_PRESETS = {"zeroq_ptq": "zeroq", "dsg_ptq": "dsg"}
+
+
+def _torch_preset(config) -> str:
+  """The PTQ reference's --preset for `config`, checked before any work (ValueError)."""
+  if config.method not in _TORCH_PRESETS:
+    raise ValueError(
+      f"synth times the PTQ image synthesis; the config's method is {config.method!r}: "
+      "use the config argument 'zeroq_ptq' or 'dsg_ptq' (e.g. "
+      "configs/imagenet_resnet18.py:zeroq_ptq,w4a4)."
+    )
+  return _TORCH_PRESETS[config.method]
+
+
+def _absolute_config_arg(config_arg: str) -> str:
+  """FILE[:args] with FILE made absolute if it exists (subprocesses run from _ROOT)."""
+  path, colon, args = config_arg.partition(":")
+  return os.path.abspath(path) + colon + args if os.path.exists(path) else config_arg
+
+
+def synth(
+  config,
+  config_arg: str,
+  overrides: list[str],
+  batch: int | None,
+  steps: int,
+  warmup: int,
+  rounds: int,
+  torch_python: str = sys.executable,
+) -> dict:
+  """Our jitted PTQ synthesis step vs the eager torch reference, alternating J T J T ...
+
+  Args:
+    config: the parsed config (method zeroq_ptq | dsg_ptq, teacher model, ptq.*).
+    config_arg, overrides: the --config value and --config.x=y arguments to pass on.
+    batch: images per step (default config.ptq.batch_size); steps, warmup: timed and
+      untimed steps, the same for both. rounds: the number of (JAX, torch) pairs.
+    torch_python: a Python executable that can `import torch`.
+  Returns:
+    per-round and median step times of both, speedup = torch / JAX, JAX compile time
+    and FLOPs per step, both step-0 loss terms.
+  """
+  if rounds < 1:
+    raise ValueError(f"--rounds must be >= 1; got {rounds}")
+  preset, network = _torch_preset(config), _reference_network(config, "synth")
+  torch_python = _checked_torch_python(torch_python, "synth")
+  batch = batch or config.ptq.batch_size
+  jax_cmd = [sys.executable, "-m", "dfq_jax.bench", "synth_speed"]
+  jax_cmd += [f"--config={_absolute_config_arg(config_arg)}", f"--batch={batch}"]
+  jax_cmd += [f"--steps={steps}", f"--warmup={warmup}", *overrides]
+  torch_cmd = [torch_python, "-m", _TORCH_PTQ_MODULE, "--network", network, "--preset", preset]
+  torch_cmd += ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
+  jax_rows, torch_rows = [], []
+  for _ in range(rounds):
+    jax_rows.append(_run_json(jax_cmd, "JAX synthesis benchmark"))
+    torch_rows.append(_run_json(torch_cmd, "torch PTQ reference"))
+  jax_medians = [r["median_step_s"] for r in jax_rows]
+  torch_medians = [r["median_step_s"] for r in torch_rows]
+  jax_median, torch_median = statistics.median(jax_medians), statistics.median(torch_medians)
+  return {
+    "config": config_arg,
+    "overrides": overrides,
+    "method": config.method,
+    "preset": preset,
+    "network": network,
+    "compute_dtype": config.compute_dtype,
+    "batch": batch,
+    "steps": steps,
+    "warmup": warmup,
+    "rounds": rounds,
+    "jax_round_median_step_s": jax_medians,
+    "torch_round_median_step_s": torch_medians,
+    "jax_median_step_s": jax_median,
+    "torch_median_step_s": torch_median,
+    "speedup": torch_median / jax_median,
+    "jax_images_per_s": batch / jax_median,
+    "torch_images_per_s": batch / torch_median,
+    "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
+    "flops_per_step": jax_rows[0]["flops_per_step"],
+    "jax_gflops_per_s": jax_rows[0]["flops_per_step"] / jax_median / 1e9,
+    "jax_device_kind": jax_rows[0]["device_kind"],
+    "torch_version": torch_rows[0]["torch_version"],
+    "torch_threads": torch_rows[0]["threads"],
+    "jax_losses_step0": jax_rows[0]["losses_step0"],
+    "torch_losses_step0": torch_rows[0]["losses_step0"],
+  }
 
 
 def compare(
@@ -334,9 +509,7 @@ def compare(
   if rounds < 1:
     raise ValueError(f"--rounds must be >= 1; got {rounds}")
   # The subprocesses run from the repository root: make paths given relative to here absolute.
-  given_config, (path, colon, args) = config_arg, config_arg.partition(":")
-  if os.path.exists(path):
-    config_arg = os.path.abspath(path) + colon + args
+  given_config, config_arg = config_arg, _absolute_config_arg(config_arg)
   network = _torch_network(config)
   torch_python = _checked_torch_python(torch_python)
   batch = batch or config.batch_size
@@ -400,11 +573,22 @@ def curves(runs: list[str], labels: list[str], out: str) -> list:
   return found
 
 
+def _print_row(fn, *args) -> None:
+  """Prints fn(*args) as one JSON line; a refusal (ValueError, no torch) prints one
+  `error: ...` line on stderr and exits 2."""
+  try:
+    row = fn(*args)
+  except (TorchMissingError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(row))
+
+
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # runs print progress and results, not INFO
-  commands = ("speed", "accuracy", "compare", "ptq", "mixed", "curves", "convs")
-  if len(argv) != 2 or argv[1] not in commands:
+  commands = ("speed", "accuracy", "compare", "synth", "ptq", "mixed", "curves", "convs")
+  if len(argv) != 2 or argv[1] not in commands + ("synth_speed",):
     raise app.UsageError(
       f"usage: python -m dfq_jax.bench {'|'.join(commands)} --config FILE[:args] ..."
     )
@@ -431,25 +615,16 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. configs/cifar10_resnet20.py:adadfq,w4a4")
   if argv[1] == "speed":
     print(json.dumps(speed(config, _BATCH.value, _STEPS.value, _WARMUP.value)))
-  elif argv[1] == "compare":
+  elif argv[1] in ("compare", "synth"):
     config_arg, overrides = _config_args(sys.argv[1:])
-    try:
-      row = compare(
-        config,
-        config_arg,
-        overrides,
-        _BATCH.value,
-        _STEPS.value,
-        _WARMUP.value,
-        _ROUNDS.value,
-        _TORCH_PYTHON.value,
-        _PEAK_GFLOPS.value,
-        _TORCH_FROZEN.value,
-      )
-    except (TorchMissingError, ValueError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
-    print(json.dumps(row))
+    args = (config, config_arg, overrides, _BATCH.value, _STEPS.value, _WARMUP.value)
+    args += (_ROUNDS.value, _TORCH_PYTHON.value)
+    if argv[1] == "compare":
+      _print_row(compare, *args, _PEAK_GFLOPS.value, _TORCH_FROZEN.value)
+    else:
+      _print_row(synth, *args)
+  elif argv[1] == "synth_speed":  # one JAX round of `synth` (a fresh process)
+    _print_row(synthesis_speed, config, _BATCH.value, _STEPS.value, _WARMUP.value)
   elif argv[1] == "mixed":
     mixed_grid.pareto(
       config,
