@@ -10,9 +10,10 @@ sensitivity  Ω(slot, b) = mean over images of KL(teacher ‖ network with only 
 allocation   one bit-width per slot with Σ size·bits ≤ budget·Σ size minimising Σ Ω,
              solved exactly (dynamic programming over Pareto fronts); weights and
              activations have separate budgets
-refinement   (quant.mixed.refine rounds) Ω measured again around the allocation (every
-             other slot at its allocated width, not FP), solved again; of all allocations
-             seen, the one whose whole-network KL is smallest
+refinement   (quant.mixed.refine rounds) a local search on the measured whole-network KL:
+             Ω measured again around the allocation (every other slot at its allocated
+             width, not FP) proposes moves within one level and pair exchanges; the
+             best measured one is taken while the KL falls
 rules        the allocation as quant.rules ('^layer1_0/conv1$=w3;...'), so every method
              (eval, PTQ, GDFQ, DSG, AdaDFQ) trains or calibrates with it and the export
              reads it back
@@ -493,43 +494,98 @@ def allocation_row(config, slots: list[Slot], bits: dict[int, int]) -> np.ndarra
   return np.array([_policy_bits(policy, s) for s in slots], np.float32)
 
 
-def refine_allocation(config, planned, sets, bits: dict[int, int], log=print):
-  """quant.mixed.refine rounds of a sensitivity measured around the allocation.
+def _budget_units(spec, slots, pins, kind: str) -> int:
+  """The integer Σ size·bits an allocation of `kind` may spend (as `allocate_bits`)."""
+  total = sum(slots[i].size for i, _ in slot_options(spec, slots, pins, kind))
+  return math.floor(spec.budget(kind) * total + 1e-6)
 
-  Round r measures the whole-network KL of allocation r and, for every allocated slot i
-  and candidate b, the KL of allocation r with slot i at b; the exact allocation under
-  these in-context sensitivities (the first-order model KL ≈ Σ_i Ω_i(b_i | rest)) is
-  allocation r + 1. Stops early when an allocation comes back.
+
+def _exchanges(spec, slots, pins, current, delta, count: int) -> list[dict[int, int]]:
+  """The `count` single moves and pair exchanges (one slot a candidate level up, another
+  one down) that fit the budget, of best predicted change Σ delta[(slot, bits)] < 0."""
+  scored = []
+  for kind in KINDS:
+    if not spec.budget(kind):
+      continue
+    options = slot_options(spec, slots, pins, kind)
+    slack = _budget_units(spec, slots, pins, kind) - sum(
+      slots[i].size * current[i] for i, _ in options
+    )
+    ups, downs = [], []  # ({slot: bits}, cost change)
+    for i, bits in options:
+      k = bits.index(current[i])
+      if k + 1 < len(bits):
+        ups.append(({i: bits[k + 1]}, slots[i].size * (bits[k + 1] - current[i])))
+      if k:
+        downs.append(({i: bits[k - 1]}, slots[i].size * (bits[k - 1] - current[i])))
+    pairs = [({**u, **d}, cu + cd) for u, cu in ups for d, cd in downs if set(u) != set(d)]
+    for change, cost in downs + ups + pairs:
+      predicted = sum(delta[(i, b)] for i, b in change.items())
+      if cost <= slack and predicted < 0:
+        scored.append((predicted, change))
+  scored.sort(key=lambda item: item[0])
+  return [{**current, **change} for _, change in scored[:count]]
+
+
+def refine_allocation(config, planned, sets, bits: dict[int, int], log=print, proposals: int = 8):
+  """quant.mixed.refine rounds of a local search on the measured whole-network KL.
+
+  Round r measures, around the current allocation, the KL of the network and of the
+  network with one allocated slot i at each other candidate b: Δ(i, b) = KL(i at b) −
+  KL. It proposes the exact allocation under these in-context sensitivities within one
+  candidate level of the current one (first-order model KL + Σ_i Δ(i, b_i)) and the
+  `proposals` best predicted single moves and pair exchanges (one slot up, one down)
+  that fit the budget, measures them, and moves to the best if its KL is smaller; else it
+  stops. The KL falls monotonically; an undamped re-solve (every slot free) oscillated.
 
   Returns:
-    (the allocation of smallest measured KL, the rounds [{round, kl, bits}], seconds).
+    (the final allocation, the rounds [{round, kl, bits}] of every allocation moved
+    through, in order, seconds).
   """
   spec, model, slots, pins = planned
   kl_rows, t0 = kl_program(model, slots), time.perf_counter()
   widths = _measured_rows(spec, slots, pins)
-  seen, rounds, current = [], [], bits
-  for r in range(spec.refine + 1):
+  rounds, current, kl = [], bits, None
+  for r in range(spec.refine):
     base = allocation_row(config, slots, current)
-    keys = [] if r == spec.refine else [(i, b) for i, bs in widths for b in bs if b != base[i]]
-    rows = [base]
-    for i, b in keys:
-      rows.append(base.copy())
-      rows[-1][i] = b
+    keys = [(i, b) for i, bs in widths for b in bs if b != base[i]]
+    rows = [base] + [_with(base, {i: b}) for i, b in keys]
     values = _mean_kl(kl_rows, sets, np.stack(rows))
-    rounds.append(
-      {"round": r, "kl": float(values[0]), "bits": [current[i] for i in sorted(current)]}
+    kl = float(values[0])
+    rounds.append({"round": r, "kl": kl, "bits": [current[i] for i in sorted(current)]})
+    delta = {key: float(v) - kl for key, v in zip(keys, values[1:])}
+    near = {
+      (i, b): delta.get((i, b), 0.0) if abs(bs.index(b) - bs.index(current[i])) <= 1 else 1e9
+      for i, bs in widths
+      for b in bs
+    }
+    candidates = [allocate_bits(spec, slots, pins, near)]
+    candidates += _exchanges(spec, slots, pins, current, delta, proposals)
+    candidates = [c for k, c in enumerate(candidates) if c != current and c not in candidates[:k]]
+    if not candidates:
+      break
+    measured = _mean_kl(
+      kl_rows, sets, np.stack([allocation_row(config, slots, c) for c in candidates])
     )
-    seen.append(current)
-    log(f"Mixed precision: refinement round {r}, whole-network KL {values[0]:.5f}.")
-    if not keys:
+    best = int(np.argmin(measured))
+    log(
+      f"Mixed precision: refinement round {r}, KL {kl:.5f} -> {measured[best]:.5f} "
+      f"(best of {len(candidates)} proposals)."
+    )
+    if measured[best] >= kl:
       break
-    in_context = {(i, int(base[i])): float(values[0]) for i in current}
-    in_context.update(zip(keys, (float(v) for v in values[1:])))
-    current = allocate_bits(spec, slots, pins, in_context)
-    if current in seen:
-      break
-  best = min(range(len(rounds)), key=lambda k: rounds[k]["kl"])
-  return seen[best], rounds, time.perf_counter() - t0
+    current, kl = candidates[best], float(measured[best])
+  else:
+    if spec.refine:
+      rounds.append({"round": spec.refine, "kl": kl, "bits": [current[i] for i in sorted(current)]})
+  return current, rounds, time.perf_counter() - t0
+
+
+def _with(row: np.ndarray, changes: dict[int, int]) -> np.ndarray:
+  out = row.copy()
+  for i, b in changes.items():
+    out[i] = b
+  return out
 
 
 def allocate_bits(spec, slots, pins, sens) -> dict[int, int]:

@@ -375,9 +375,7 @@ def test_sensitivity_is_the_mean_over_independent_image_sets(tiny_teacher_dir):
     mixed.spec_from_config(_mixed_config(tiny_teacher_dir, **{"quant.mixed.image_sets": 0}))
 
 
-def test_refinement_keeps_the_allocation_of_least_measured_whole_network_kl(
-  tiny_teacher_dir, tmp_path
-):
+def test_refinement_moves_while_the_measured_whole_network_kl_falls(tiny_teacher_dir, tmp_path):
   workdir = str(tmp_path / "refined")
   config = _mixed_config(tiny_teacher_dir, **{"quant.mixed.refine": 3})
   run_lib.run(config, workdir, log=lambda *a: None)
@@ -413,9 +411,8 @@ def test_refinement_keeps_the_allocation_of_least_measured_whole_network_kl(
     row = mixed.allocation_row(config, slots, bits)[None]
     kl = mixed.measure_sensitivity(model, variables, slots, row, images)[0]
     assert kl == pytest.approx(r["kl"], rel=1e-2)
-  # The stored allocation is the one of least KL.
-  best = min(rounds, key=lambda r: r["kl"])
-  assert [report["layers"][i]["bits"] for i in allocated] == best["bits"]
-  assert best["kl"] <= rounds[0]["kl"]
+  # Each move lowers the KL; the stored allocation is the last one.
+  assert all(a["kl"] > b["kl"] for a, b in zip(rounds, rounds[1:]))
+  assert [report["layers"][i]["bits"] for i in allocated] == rounds[-1]["bits"]
   with pytest.raises(ValueError, match="refine=-1 must be 0"):
     mixed.spec_from_config(_mixed_config(tiny_teacher_dir, **{"quant.mixed.refine": -1}))
