@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dfq_jax.quant import numerics
+from dfq_jax.quant.narrow_input_conv import MAX_INPUT_CHANNELS, narrow_input_conv
 
 FULL_PRECISION = 32  # a bit-width meaning "leave this layer in full precision"
 PROBE_BITS = "probe_bits"  # collection of the per-layer bit-widths of a probe policy
@@ -216,6 +217,21 @@ def _quantized_kernel(module: nn.Module, kernel: jax.Array) -> jax.Array:
   return numerics.quantize_weight(kernel, bits, quant.weight_mode)
 
 
+def _pairs(padding) -> tuple | None:
+  """Explicit ((top, bottom), (left, right)) padding, or None for 'SAME'/'VALID' strings."""
+  if isinstance(padding, str):
+    return None
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _narrow_input(in_channels: int, groups: int, low: bool, padding, strides) -> bool:
+  """Whether a conv takes the GEMM input gradient of `narrow_input_conv`: a float32
+  strided stem conv over image channels (ImageNet ResNets 7x7/2, MobileNetV2 3x3/2; the
+  CIFAR ResNets' 3x3/1 stem measured no faster), explicit padding."""
+  narrow = in_channels <= MAX_INPUT_CHANNELS and groups == 1 and max(strides) > 1
+  return narrow and not low and _pairs(padding) is not None
+
+
 def torch_kernel_init(key, shape, dtype=jnp.float32):
   """PyTorch's default conv/linear init, kaiming_uniform(a=√5) = U(±1/√fan_in)."""
   fan_in = math.prod(shape[:-1])
@@ -265,15 +281,18 @@ class QConv(nn.Module):
     if padding is None:
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
     x_dtype, low = x.dtype, _low_precision(self.dtype)
-    y = jax.lax.conv_general_dilated(
-      x.astype(self.dtype) if low else x,
-      kernel.astype(self.dtype) if low else kernel,
-      window_strides=tuple(self.strides),
-      padding=padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=self.feature_group_count,
-      preferred_element_type=jnp.float32 if low else None,
-    )
+    if _narrow_input(in_ch, self.feature_group_count, low, padding, self.strides):
+      y = narrow_input_conv(x, kernel, tuple(self.strides), _pairs(padding))
+    else:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype) if low else x,
+        kernel.astype(self.dtype) if low else kernel,
+        window_strides=tuple(self.strides),
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.feature_group_count,
+        preferred_element_type=jnp.float32 if low else None,
+      )
     y = y.astype(x_dtype)
     if self.use_bias:
       fan_in = kh * kw * in_ch // self.feature_group_count
