@@ -147,9 +147,10 @@ def _add_quantization(c: ml_collections.ConfigDict) -> None:
   c.quant.mixed.image_sets = 1  # independent sets of `images` images whose sensitivities
   # are averaged (set j of seed s = a one-set run of seed s * image_sets + j); 3 measured,
   # not better at W3 (README)
-  c.quant.mixed.refine = 0  # rounds of sensitivities re-measured around the allocation
-  # (others at their allocated widths, not FP) and re-solved; the allocation of least
-  # whole-network KL is kept (README: measured at W3)
+  c.quant.mixed.refine = 4  # rounds of a local search on the whole network's KL after the
+  # exact solve (sensitivities re-measured around the allocation propose moves; the best
+  # measured one is taken while the KL falls); 0 = the one-shot ZeroQ allocation.
+  # W3, seeds 0-4: 74.38 +- 1.24 against 73.05 one-shot (README)
   c.quant.mixed.samples_path = ""  # a synthetic.npz (e.g. of a PTQ run) instead of source
   c.quant.mixed.sensitivity_path = ""  # another run's mixed_precision.json: reuse its
   # sensitivities (the same teacher), e.g. to try other budgets

@@ -153,6 +153,7 @@ def _mixed_config(teacher_dir, **values):
   config.quant.mixed.budget_w_bits = 3.0
   config.quant.mixed.source = "noise"
   config.quant.mixed.images = 16
+  config.quant.mixed.refine = 0  # the one-shot allocation (the refinement has its own test)
   return set_values(config, **values)
 
 
