@@ -7,7 +7,8 @@ r"""Top-1 against model size: uniform bit-widths and mixed-precision budgets (be
 Every point is a real run of the config (its own workdir under --out, resumable: a
 finished one is read back): `uniform_w<b>` with quant.w_bits=b, and `<source>_w<B>`
 with quant.mixed.budget_w_bits=B whose sensitivities are measured once per source (the
-first budget) and reused by the others (quant.mixed.sensitivity_path). Writes
+first budget) and reused by the others (quant.mixed.sensitivity_path), as are its
+synthesised images for the refinement (quant.mixed.samples_path). Writes
 pareto.json, pareto.md and pareto.png (top-1 against the kernels' size in KiB).
 """
 
@@ -70,16 +71,20 @@ def pareto(
     size = mixed.weight_size_kib(policy, slots)
     points.append(_point("uniform", f"W{b}", r, size, mixed.average_bits(policy, slots, "w")))
   for source in sources:
-    first = None
+    first = images = None
     for budget in budgets:
       c = copy.deepcopy(base)
       with c.unlocked():
         c.quant.mixed.budget_w_bits = float(budget)
         c.quant.mixed.source = source
         c.quant.mixed.sensitivity_path = first or ""
+        c.quant.mixed.samples_path = images or c.quant.mixed.samples_path
       workdir = os.path.join(out, f"{source}_w{budget:g}")
       r = _run(c, workdir, log)
-      first = first or os.path.join(workdir, mixed.REPORT_FILE)
+      if first is None:
+        first = os.path.join(workdir, mixed.REPORT_FILE)
+        saved = os.path.join(workdir, mixed.IMAGES_FILE)
+        images = saved if os.path.exists(saved) else None
       m = r["mixed_precision"]
       points.append(
         _point(f"mixed ({source})", f"{budget:g}", r, m["weight_size_kib"], m["avg_w_bits"])

@@ -50,6 +50,8 @@ from dfq_jax.quant.layers import FULL_PRECISION, PROBE_BITS, QConv, QDense, Quan
 
 REPORT_FILE = "mixed_precision.json"
 PLOT_FILE = "mixed_precision.png"
+IMAGES_FILE = "mixed_images.npz"  # the synthesised images (quant.mixed.samples_path of
+# another run: e.g. the other budgets of `bench mixed`, which skip the synthesis)
 # dsg / zeroq: images synthesised from the teacher's BN statistics with that PTQ preset;
 # noise: N(0, 1) images; real: real images of calib.split (a reference, not data-free).
 SOURCES = ("dsg", "zeroq", "noise", "real")
@@ -714,6 +716,7 @@ def resolve(config, workdir: str, planned, teacher_vars, image_shape, norm, log=
     sets, timings["synthesis_s"] = measurement_sets(
       config, planned, teacher_vars, image_shape, norm, log
     )
+    _save_synthesised(os.path.join(workdir, IMAGES_FILE), spec, sets)
   if spec.sensitivity_path:
     sens = _reused_sensitivity(spec.sensitivity_path, slots, _measured_rows(spec, slots, pins))
     timings["reused"] = True
@@ -735,6 +738,14 @@ def resolve(config, workdir: str, planned, teacher_vars, image_shape, norm, log=
     f"bits, kernels {report['weight_size_kib']:.1f} KiB (rules in {path})."
   )
   return with_rules(config, report["rules"]), report
+
+
+def _save_synthesised(path: str, spec: MixedSpec, sets) -> None:
+  """Writes the synthesised images of every set (in set order) for reuse."""
+  if spec.samples_path or spec.source not in ("dsg", "zeroq") or not metrics_lib.is_writer():
+    return
+  images = np.concatenate([x for _, x in sets])
+  synthesis.save_samples(path, images, np.zeros(len(images), np.int32), source=spec.source)
 
 
 def resolved_config(config, workdir: str):

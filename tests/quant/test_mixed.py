@@ -1,6 +1,7 @@
 """Data-free mixed precision: the probe measures the quantizer that is evaluated, the
 allocation is exact, and a run trains, evaluates and exports the allocated bits."""
 
+import copy
 import itertools
 import json
 import os
@@ -301,6 +302,19 @@ def test_activation_budget_and_synthetic_images_train_with_adadfq(tiny_teacher_d
   average = sum(a["size"] * a["bits"] for a in acts) / sum(a["size"] for a in acts)
   assert average <= 4.0 and {a["bits"] for a in acts} <= {2, 4, 8}
   assert report["source"] == "dsg" and report["synthesis_s"] > 0
+  # The synthesised images are kept, and another run reads them back instead of
+  # synthesising (bench mixed's other budgets).
+  saved = os.path.join(workdir, mixed.IMAGES_FILE)
+  reuse = set_values(copy.deepcopy(config), **{"quant.mixed.samples_path": saved})
+  images, _ = mixed.sensitivity_images(
+    reuse,
+    mixed.spec_from_config(reuse),
+    None,
+    SHAPE,
+    eval_set_lib.normalization(reuse),
+    log=lambda *a: pytest.fail("synthesised again"),
+  )
+  assert images.shape == (16, *SHAPE) and np.isfinite(images).all() and images.std() > 0
   # The trained student carries the allocation: its final top-1 is the run's.
   student, top1 = _top1(workdir)
   for a in acts:
