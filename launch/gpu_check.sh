@@ -6,7 +6,8 @@
 #      adadfq), and the compute_dtype tests
 #   4. `bench speed` of the AdaDFQ W4A4 step: CIFAR ResNet-20 at batch 16/200/1024 and
 #      ImageNet ResNet-18 at batch 64/256, compute_dtype float32 and bfloat16
-#   5. writes everything to one JSON file (--out, default gpu_check.json)
+#   5. `bench convs`: the conv kernel table (XLA float32 / bfloat16, im2col + bf16 dot)
+#   6. writes everything to one JSON file (--out, default gpu_check.json)
 # Without a GPU (e.g. here, on CPU) the same script runs with the GPU parts skipped: the
 # device tests skip themselves and step 4 times only the CIFAR step at batch 16 on the CPU.
 #
@@ -76,6 +77,8 @@ if [[ "$backend" == "gpu" ]]; then
     for b in 16 200 1024; do bench configs/cifar10_resnet20.py:adadfq,w4a4 "$b" 20 "$dtype"; done
     for b in 64 256; do bench configs/imagenet_resnet18.py:adadfq,w4a4 "$b" 10 "$dtype"; done
   done
+  echo "== bench convs (XLA float32 / bfloat16 convs vs im2col + bf16 dot, fwd+bwd)"
+  $PY -m dfq_jax.bench convs --steps 20 | tee "$work/convs.jsonl" || true
 else
   echo "(no GPU: the CIFAR step at batch 16 on the CPU only)"
   bench configs/cifar10_resnet20.py:adadfq,w4a4 16 5 float32
@@ -91,7 +94,12 @@ result = {
     "tests_passed": tests_rc == 0,
     "tests_summary": tests[-1] if tests else "",
     "speed": [json.loads(line) for line in open(f"{work}/speed.jsonl") if line.strip()],
+    "convs": [],  # bench convs rows (GPU only)
 }
+try:
+    result["convs"] = [json.loads(l) for l in open(f"{work}/convs.jsonl") if l.startswith("{")]
+except FileNotFoundError:
+    pass
 with open(out, "w") as f:
     json.dump(result, f, indent=1)
 print(f"== wrote {out}: tests {'passed' if tests_rc == 0 else 'FAILED'}, "

@@ -39,3 +39,4 @@ def test_cpu_form_runs_and_writes_its_json(tmp_path):
   result = json.loads(out.read_text())
   assert result["tests_passed"] and not result["gpu"]
   assert len(result["speed"]) == 1 and result["speed"][0]["median_step_s"] > 0
+  assert result["convs"] == []  # the conv table runs on a GPU only
