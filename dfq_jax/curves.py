@@ -4,8 +4,10 @@
 
 Each run's `metrics.jsonl` gives its `eval/top1` rows (one per evaluation: every
 `eval_every_steps`); its `results.json`, once written, the FP top-1 and the no-training
-floor (`quant_top1_before`). The plot draws one line per run, the FP level of the first
-run that has one (dashed) and each run's floor (dotted, in the run's colour).
+floor (`quant_top1_before`), and before that the levels its evaluation rows carry
+(`eval/fp_top1`, `eval/floor_top1`, written by the trainer). The plot draws one line
+per run, the FP level of the first run that has one (dashed) and each run's floor
+(dotted, in the run's colour).
 
 `write_run_plot(workdir)` draws one run's top-1 and losses against steps into
 `<workdir>/curves.png`; the trainer calls it after every evaluation.
@@ -85,13 +87,16 @@ def write_run_plot(
 
 
 def read_curve(workdir: str, label: str | None = None) -> Curve:
-  """The eval/top1 rows of `workdir`/metrics.jsonl and the levels of its results.json."""
-  steps, top1 = [], []
+  """The eval/top1 rows of `workdir`/metrics.jsonl and the FP / floor levels: of its
+  results.json, else (a run still training) of its last evaluation row."""
+  steps, top1, levels = [], [], {}
   for row in _rows(workdir):
     if "eval/top1" in row:
       steps.append(int(row["step"]))
       top1.append(float(row["eval/top1"]))
+      levels = {k: row.get(f"eval/{k}") for k in ("fp_top1", "floor_top1")}
   curve = Curve(label or os.path.basename(os.path.normpath(workdir)), steps, top1)
+  curve.fp_top1, curve.floor_top1 = levels.get("fp_top1"), levels.get("floor_top1")
   results = os.path.join(workdir, "results.json")
   if os.path.exists(results):
     with open(results) as f:

@@ -213,7 +213,12 @@ class _Loop:
       self.state["best_top1"] = jax.device_put(jnp.float32(top1), self.setup.replicated)
       self.state["best_step"] = jax.device_put(jnp.int32(done), self.setup.replicated)
       self.best_ckpt.save(done, student_vars)
-    writer.write(done, {"eval/top1": top1})
+    levels = {
+      f"eval/{name}": self.reference_top1[key]
+      for name, key in (("fp_top1", "fp_top1"), ("floor_top1", "quant_top1_before"))
+      if self.reference_top1.get(key) is not None
+    }  # so `bench curves` draws a running run's levels too
+    writer.write(done, {"eval/top1": top1, **levels})
     if metrics_lib.is_writer():
       curves_lib.write_run_plot(
         self.workdir,

@@ -83,6 +83,8 @@ def test_curves_draws_top1_against_iterations(tmp_path):
     d = tmp_path / name
     d.mkdir()
     rows = [{"step": 500 * (i + 1), "eval/top1": v} for i, v in enumerate(values)]
+    if name == "b":  # still training: the levels of its evaluation rows (the trainer's)
+      rows[-1].update({"eval/fp_top1": 81.0, "eval/floor_top1": 30.5})
     rows.insert(1, {"step": 600, "generator/loss": 1.0})  # a training row: ignored
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     runs.append(str(d))
@@ -114,7 +116,8 @@ def test_curves_draws_top1_against_iterations(tmp_path):
     "fp_top1": 81.03,
     "floor_top1": 31.2,
   }
-  assert rows[1]["steps"] == [500, 1000, 1500] and rows[1]["fp_top1"] is None
+  assert rows[1]["steps"] == [500, 1000, 1500]
+  assert (rows[1]["fp_top1"], rows[1]["floor_top1"]) == (81.0, 30.5)
   with Image.open(out) as img:
     assert img.size == (800, 480)
   bad = subprocess.run(
