@@ -412,6 +412,36 @@ def _absolute_config_arg(config_arg: str) -> str:
   return os.path.abspath(path) + colon + args if os.path.exists(path) else config_arg
 
 
+def _alternate(jax_cmd: list[str], torch_cmd: list[str], rounds: int, what: str):
+  """Runs the JAX and torch commands alternately (J T J T ..., `rounds` pairs, each a
+  fresh subprocess printing one JSON line). Returns (the timing fields `compare` and
+  `synth` share, the JAX rows)."""
+  jax_rows, torch_rows = [], []
+  for _ in range(rounds):
+    jax_rows.append(_run_json(jax_cmd, f"JAX {what}"))
+    torch_rows.append(_run_json(torch_cmd, f"torch {what}"))
+  jax_medians = [r["median_step_s"] for r in jax_rows]
+  torch_medians = [r["median_step_s"] for r in torch_rows]
+  jax_median, torch_median = statistics.median(jax_medians), statistics.median(torch_medians)
+  batch = jax_rows[0]["batch"]
+  return {
+    "jax_round_median_step_s": jax_medians,
+    "torch_round_median_step_s": torch_medians,
+    "jax_median_step_s": jax_median,
+    "torch_median_step_s": torch_median,
+    "speedup": torch_median / jax_median,
+    "jax_images_per_s": batch / jax_median,
+    "torch_images_per_s": batch / torch_median,
+    "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
+    "flops_per_step": jax_rows[0]["flops_per_step"],
+    "jax_gflops_per_s": jax_rows[0]["flops_per_step"] / jax_median / 1e9,
+    "jax_device_kind": jax_rows[0]["device_kind"],
+    "torch_version": torch_rows[0]["torch_version"],
+    "torch_threads": torch_rows[0]["threads"],
+    "torch_losses_step0": torch_rows[0]["losses_step0"],
+  }, jax_rows
+
+
 def synth(
   config,
   config_arg: str,
@@ -444,13 +474,7 @@ def synth(
   jax_cmd += [f"--steps={steps}", f"--warmup={warmup}", *overrides]
   torch_cmd = [torch_python, "-m", _TORCH_PTQ_MODULE, "--network", network, "--preset", preset]
   torch_cmd += ["--batch", str(batch), "--steps", str(steps), "--warmup", str(warmup)]
-  jax_rows, torch_rows = [], []
-  for _ in range(rounds):
-    jax_rows.append(_run_json(jax_cmd, "JAX synthesis benchmark"))
-    torch_rows.append(_run_json(torch_cmd, "torch PTQ reference"))
-  jax_medians = [r["median_step_s"] for r in jax_rows]
-  torch_medians = [r["median_step_s"] for r in torch_rows]
-  jax_median, torch_median = statistics.median(jax_medians), statistics.median(torch_medians)
+  timing, jax_rows = _alternate(jax_cmd, torch_cmd, rounds, "synthesis benchmark")
   return {
     "config": config_arg,
     "overrides": overrides,
@@ -462,21 +486,8 @@ def synth(
     "steps": steps,
     "warmup": warmup,
     "rounds": rounds,
-    "jax_round_median_step_s": jax_medians,
-    "torch_round_median_step_s": torch_medians,
-    "jax_median_step_s": jax_median,
-    "torch_median_step_s": torch_median,
-    "speedup": torch_median / jax_median,
-    "jax_images_per_s": batch / jax_median,
-    "torch_images_per_s": batch / torch_median,
-    "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
-    "flops_per_step": jax_rows[0]["flops_per_step"],
-    "jax_gflops_per_s": jax_rows[0]["flops_per_step"] / jax_median / 1e9,
-    "jax_device_kind": jax_rows[0]["device_kind"],
-    "torch_version": torch_rows[0]["torch_version"],
-    "torch_threads": torch_rows[0]["threads"],
+    **timing,
     "jax_losses_step0": jax_rows[0]["losses_step0"],
-    "torch_losses_step0": torch_rows[0]["losses_step0"],
   }
 
 
@@ -522,15 +533,8 @@ def compare(
   torch_cmd += ["--network", network]
   bf16 = config.compute_dtype == "bfloat16"  # then torch.autocast(cpu, bfloat16) too
   torch_cmd += ["--bf16"] if bf16 else []
-  jax_rows, torch_rows = [], []
-  for _ in range(rounds):
-    jax_rows.append(_run_json(jax_cmd, "JAX speed benchmark"))
-    torch_rows.append(_run_json(torch_cmd, "torch reference"))
-  jax_medians = [r["median_step_s"] for r in jax_rows]
-  torch_medians = [r["median_step_s"] for r in torch_rows]
-  jax_median, torch_median = statistics.median(jax_medians), statistics.median(torch_medians)
-  flops = jax_rows[0]["flops_per_step"]
-  gflops_per_s = flops / jax_median / 1e9
+  timing, _ = _alternate(jax_cmd, torch_cmd, rounds, "speed benchmark")
+  peak = peak_gflops if peak_gflops and peak_gflops > 0 else None
   return {
     "config": given_config,
     "overrides": overrides,
@@ -542,23 +546,10 @@ def compare(
     "steps": steps,
     "warmup": warmup,
     "rounds": rounds,
-    "jax_round_median_step_s": jax_medians,
-    "torch_round_median_step_s": torch_medians,
-    "jax_median_step_s": jax_median,
-    "torch_median_step_s": torch_median,
-    "speedup": torch_median / jax_median,
-    "jax_images_per_s": batch / jax_median,
-    "torch_images_per_s": batch / torch_median,
-    "jax_compile_s": statistics.median(r["compile_s"] for r in jax_rows),
-    "flops_per_step": flops,
-    "jax_gflops_per_s": gflops_per_s,
-    "peak_gflops": peak_gflops if peak_gflops and peak_gflops > 0 else None,
-    "jax_peak_fraction": (gflops_per_s / peak_gflops if peak_gflops and peak_gflops > 0 else None),
-    "jax_device_kind": jax_rows[0]["device_kind"],
-    "torch_version": torch_rows[0]["torch_version"],
-    "torch_threads": torch_rows[0]["threads"],
+    **timing,
+    "peak_gflops": peak,
+    "jax_peak_fraction": timing["jax_gflops_per_s"] / peak if peak else None,
     "torch_frozen_teacher": torch_frozen_teacher,
-    "torch_losses_step0": torch_rows[0]["losses_step0"],
   }
 
 
