@@ -566,9 +566,9 @@ def refine_allocation(config, planned, sets, bits: dict[int, int], log=print, pr
     candidates = [c for k, c in enumerate(candidates) if c != current and c not in candidates[:k]]
     if not candidates:
       break
-    measured = _mean_kl(
-      kl_rows, sets, np.stack([allocation_row(config, slots, c) for c in candidates])
-    )
+    rows = [allocation_row(config, slots, c) for c in candidates]
+    rows += [rows[-1]] * (proposals + 1 - len(rows))  # one shape every round: one compile
+    measured = _mean_kl(kl_rows, sets, np.stack(rows))[: len(candidates)]
     best = int(np.argmin(measured))
     log(
       f"Mixed precision: refinement round {r}, KL {kl:.5f} -> {measured[best]:.5f} "
