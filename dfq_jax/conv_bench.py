@@ -149,7 +149,7 @@ def time_shape(network: str, batch: int, size: int, cin: int, cout: int, steps: 
   for name in VARIANTS:
     seconds = _median_s(fwd_bwd(name), (x, k), steps)
     row[f"{name}_ms"] = round(seconds * 1e3, 3)
-    row[f"{name}_gflops"] = round(flops / seconds / 1e9, 1)
+    row[f"{name}_gflops"] = float(f"{flops / seconds / 1e9:.3g}")  # 3 significant digits
     if name != "lax_f32":
       err = jnp.max(jnp.abs(variant(name)(x, k, 1) - reference)) / jnp.max(jnp.abs(reference))
       row[f"{name}_rel_err"] = float(err)

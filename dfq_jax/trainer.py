@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import signal
 import threading
@@ -123,26 +124,33 @@ def setup_training(config, models: Models, devices=None) -> TrainingSetup:
   mesh = parallel.make_mesh(devices)
   replicated = parallel.replicated(mesh)
   root_key = jax.random.key(config.seed)
+  teacher_vars = jax.device_put(models.teacher_vars, replicated)
 
-  def teacher_bn_stats(x):
-    _, upd = models.teacher.apply(models.teacher_vars, x, mutable=["bn_stats"])
+  # The teacher's weights are arguments of these jitted functions, not closures: XLA
+  # compiles constants slowly (an ImageNet teacher's 11-25M weights: minutes).
+  @jax.jit
+  def teacher_bn_stats(variables, x):
+    _, upd = models.teacher.apply(variables, x, mutable=["bn_stats"])
     return upd["bn_stats"]
 
   constants = method.init_constants(
     method.hparams(config),
-    jax.jit(teacher_bn_stats),
+    functools.partial(teacher_bn_stats, teacher_vars),
     models.teacher_vars["batch_stats"],
     jax.random.fold_in(root_key, 2),
     models.image_shape,
   )
-  state = jax.jit(lambda: step_lib.init_state(config, models, root_key), out_shardings=replicated)()
+  state = jax.jit(
+    lambda tv: step_lib.init_state(config, dataclasses.replace(models, teacher_vars=tv), root_key),
+    out_shardings=replicated,
+  )(teacher_vars)
   return TrainingSetup(
     timeline=timeline,
     mesh=mesh,
     replicated=replicated,
     step_fn=step_lib.make_train_step(config, models, method, timeline, mesh),
     state=state,
-    teacher_vars=jax.device_put(models.teacher_vars, replicated),
+    teacher_vars=teacher_vars,
     constants=jax.device_put(constants, replicated),
   )
 

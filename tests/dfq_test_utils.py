@@ -115,8 +115,9 @@ def perturbed_student(name, policy, shortcut="A", negative_gamma=True, size=16):
   kwargs = {"shortcut": shortcut} if name.endswith("_cifar") else {}
   teacher = get_model(name, num_classes=10, **kwargs)
   student = get_model(name, num_classes=10, quant=policy, **kwargs)
-  tv = teacher.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-  keys = iter(jax.random.split(jax.random.key(3), 1000))
+  # Jitted: eagerly, every layer op of a ResNet-50 compiles on its own (minutes, cold cache).
+  tv = jax.jit(teacher.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+  keys = iter(list(jax.random.split(jax.random.key(3), 1000)))  # concrete, used in jit
 
   def perturb(path, a):
     key = jax.tree_util.keystr(path)
@@ -126,9 +127,11 @@ def perturbed_student(name, policy, shortcut="A", negative_gamma=True, size=16):
       return a * jnp.where(jax.random.uniform(next(keys), a.shape) < 0.2, -1.0, 1.0)
     return a + 0.3 * jax.random.uniform(next(keys), a.shape)
 
-  tv = {
-    "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
-    "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
-  }
+  tv = jax.jit(
+    lambda tv: {
+      "params": jax.tree_util.tree_map_with_path(perturb, tv["params"]),
+      "batch_stats": jax.tree_util.tree_map_with_path(perturb, tv["batch_stats"]),
+    }
+  )(tv)
   x = jax.random.normal(jax.random.key(1), (64 if size == 16 else 16, size, size, 3))
   return student, jax.device_get(calibrated_student(student, tv, (size, size, 3), [x])), x

@@ -180,7 +180,11 @@ def check_ptq(teacher_dir):
     outs.append((np.asarray(images), np.asarray(labels), last))
   (x1, y1, m1), (x8, y8, m8) = outs
   np.testing.assert_array_equal(y1, y8)
-  np.testing.assert_allclose(x1, x8, rtol=1e-4, atol=1e-4, err_msg="images 1 vs 8 devices")
+  # Five Adam steps carry the reduction order's float noise: nearly every pixel to 1e-4
+  # (measured: all but 1 of 12,288, that one off by 3e-4); a wrong or missing reduction
+  # over devices would move most pixels by O(0.1).
+  assert np.mean(np.abs(x1 - x8) <= 1e-4 * (1 + np.abs(x1))) > 0.999, "images 1 vs 8 devices"
+  np.testing.assert_allclose(x1, x8, rtol=1e-3, atol=1e-3, err_msg="images 1 vs 8 devices")
   for k in m1:
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-5, err_msg=k)
   print("ptq OK")

@@ -36,7 +36,9 @@ def test_im2col_bf16_equals_the_float32_convolution_up_to_bf16_rounding(stride):
 def test_a_table_row_times_every_variant():
   row = conv_bench.time_shape("tiny", 2, 8, 4, 4, steps=2)
   for name in conv_bench.VARIANTS:
-    assert row[f"{name}_ms"] > 0 and row[f"{name}_gflops"] > 0
+    assert row[f"{name}_ms"] > 0 and row[f"{name}_gflops"] > 0  # 3 significant digits, never 0
+    flops = 3 * 2 * 2 * 8 * 8 * 9 * 4 * 4  # batch 2, 8x8, 4 -> 4 channels
+    assert row[f"{name}_gflops"] == pytest.approx(flops / row[f"{name}_ms"] / 1e6, rel=2e-2)
   assert 0 < row["lax_bf16_rel_err"] < 2e-2 and 0 < row["im2col_bf16_rel_err"] < 2e-2
   with pytest.raises(ValueError, match="unknown convolution variant"):
     conv_bench.variant("winograd")

@@ -29,7 +29,9 @@ def train_teacher(
   x_all = normalize(ds.images, norm.mean, norm.std)
   y_all = ds.labels
   key = jax.random.key(seed)
-  variables = model.init(key, jnp.zeros((2, *x_all.shape[1:])), train=False)
+  variables = jax.jit(model.init, static_argnames="train")(
+    key, jnp.zeros((2, *x_all.shape[1:])), train=False
+  )
   params, batch_stats = variables["params"], variables["batch_stats"]
   steps_per_epoch = len(y_all) // batch_size
   tx = optax.chain(

@@ -160,7 +160,8 @@ class Synthesizer:
   hp: PtqHparams
   image_shape: tuple
   num_classes: int
-  step: Callable[..., Any]
+  step: Callable[..., Any]  # jitted (carry, teacher_vars, labels, key) -> (carry, metrics)
+  teacher_vars: Any = None  # an argument of `step`, not a closure (XLA constants compile slowly)
   batch_sharding: Any = None  # images and labels split over the mesh's `data` axis
 
   def _place(self, a):
@@ -185,7 +186,7 @@ class Synthesizer:
     )
     metrics = {}
     for t in range(self.hp.steps):
-      carry, metrics = self.step(carry, labels, jax.random.fold_in(k_steps, t))
+      carry, metrics = self.step(carry, self.teacher_vars, labels, jax.random.fold_in(k_steps, t))
       if log is not None and ((t + 1) % log_every == 0 or t + 1 == self.hp.steps):
         log(t + 1, {k: float(v) for k, v in jax.device_get(metrics).items()})
     return carry["x"], labels, {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -308,24 +309,28 @@ def make_synthesizer(
   mesh = parallel.make_mesh(devices)
   batch_sharding, replicated = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
-  def teacher_apply(x):
-    logits, state = teacher.apply(teacher_vars, x, mutable=[BN_STATS])
-    return logits, state[BN_STATS]
+  def apply_with(variables):
+    def teacher_apply(x):
+      logits, state = teacher.apply(variables, x, mutable=[BN_STATS])
+      return logits, state[BN_STATS]
 
-  running = teacher_vars["batch_stats"]
+    return teacher_apply
+
   positions = bn_positions(teacher, teacher_vars, image_shape)
   num_layers = len(jax.tree.leaves(positions))
-  margins = _slack_margins(hp, teacher_apply, running, positions, key, image_shape)
+  margins = _slack_margins(
+    hp, apply_with(teacher_vars), teacher_vars["batch_stats"], positions, key, image_shape
+  )
   tx = optax.scale_by_adam()  # torch Adam defaults: betas (0.9, 0.999), eps 1e-8
 
-  def step(carry, labels, key):
+  def step(carry, variables, labels, key):
     (loss, terms), grad = jax.value_and_grad(synthesis_loss, argnums=1, has_aux=True)(
       hp,
       carry["x"],
       labels,
       key,
-      teacher_apply=teacher_apply,
-      running=running,
+      teacher_apply=apply_with(variables),
+      running=variables["batch_stats"],
       margins=margins,
       positions=positions,
       num_layers=num_layers,
@@ -351,6 +356,7 @@ def make_synthesizer(
       ),
       compiler_options=compiler_options,
     ),
+    teacher_vars=teacher_vars,
     batch_sharding=batch_sharding,
   )
 

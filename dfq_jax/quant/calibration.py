@@ -35,16 +35,17 @@ def calibrate_ranges(
     )
   )
 
+  # The weights are an argument, not a closure: as constants of the program, a ResNet-50's
+  # 23M weights made XLA compile for ~100 s instead of ~2 s.
   @jax.jit
-  def update(quant_stats, x):
-    _, upd = calib_model.apply(
-      {**variables, "quant_stats": quant_stats}, x, mutable=["quant_stats"]
-    )
+  def update(fixed, quant_stats, x):
+    _, upd = calib_model.apply({**fixed, "quant_stats": quant_stats}, x, mutable=["quant_stats"])
     return upd["quant_stats"]
 
+  fixed = {k: v for k, v in variables.items() if k != "quant_stats"}
   quant_stats = variables["quant_stats"]
   for x in batches:
-    quant_stats = update(quant_stats, jnp.asarray(x))
+    quant_stats = update(fixed, quant_stats, jnp.asarray(x))
   return quant_stats
 
 
@@ -61,7 +62,7 @@ def calibrated_student(
 
   Returns {'params', 'batch_stats', 'quant_stats'}; `image_shape` is (H, W, C).
   """
-  fresh = student.init(jax.random.key(0), jnp.zeros((1, *image_shape)))
+  fresh = jax.jit(student.init)(jax.random.key(0), jnp.zeros((1, *image_shape)))  # one compile
   variables = {**teacher_vars, "quant_stats": fresh.get("quant_stats", {})}
   variables["quant_stats"] = calibrate_ranges(
     student, variables, batches, observer=observer, percentile=percentile
