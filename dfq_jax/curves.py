@@ -123,11 +123,14 @@ def plot_curves(
     if fp_top1 is not None
     else next((c.fp_top1 for c in curves if c.fp_top1 is not None), None)
   )
+  floors: dict[float, list[int]] = {}  # one dotted line per floor level (runs may share one)
   for i, c in enumerate(curves):
-    color = f"C{i % 10}"
-    ax.plot(c.steps, c.top1, marker="o", ms=3, color=color, label=c.label)
+    ax.plot(c.steps, c.top1, marker="o", ms=3, color=f"C{i % 10}", label=c.label)
     if c.floor_top1 is not None:
-      ax.axhline(c.floor_top1, color=color, ls=":", lw=1)
+      floors.setdefault(round(c.floor_top1, 2), []).append(i)
+  for level, runs in floors.items():
+    names = ", ".join(curves[i].label for i in runs)
+    ax.axhline(level, color=f"C{runs[0] % 10}", ls=":", lw=1, label=f"floor {level:.2f} ({names})")
   if fp is not None:
     ax.axhline(fp, color="black", ls="--", lw=1, label=f"FP {fp:.2f}")
   ax.set_xlabel("iteration")

@@ -79,11 +79,13 @@ def _two_processes(commands, timeout=600):
   return procs, [p.communicate(timeout=timeout) for p in procs]
 
 
-def _one_process(args, devices=4):
-  """Runs dfq_jax.main `args` as one process with `devices` CPU devices; asserts success."""
-  proc = subprocess.run(
-    args, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=600
-  )
+def _one_process(args, devices=4, cache_dir=None):
+  """Runs dfq_jax.main `args` as one process with `devices` CPU devices; asserts success.
+  `cache_dir`: a compilation cache shared by the one-process runs of one test."""
+  env = _env(devices)
+  if cache_dir is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+  proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc
 
@@ -95,7 +97,7 @@ def _rows(workdir):
 
 def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   one = tmp_path / "one"
-  _one_process(_args(tiny_teacher_dir, one))
+  _one_process(_args(tiny_teacher_dir, one), cache_dir=tmp_path / "cache")
 
   two = tmp_path / "two"
   procs, outs = _two_processes([_args(tiny_teacher_dir, two)] * 2)
@@ -126,7 +128,7 @@ def test_two_processes_train_like_one(tiny_teacher_dir, tmp_path):
   shutil.copytree(two, resumed)
   shutil.rmtree(resumed / "checkpoints" / "8")
   (resumed / "results.json").unlink()
-  proc = _one_process(_args(tiny_teacher_dir, resumed))
+  proc = _one_process(_args(tiny_teacher_dir, resumed), cache_dir=tmp_path / "cache")
   assert "Resumed from" in proc.stdout and "at step 4" in proc.stdout
   c = json.loads((resumed / "results.json").read_text())
   for key in ("final_top1", "best_top1", "best_step"):

@@ -18,7 +18,10 @@ def _env(devices):
   )
 
 
-@pytest.mark.parametrize("check", ["global", "per_device", "topology", "ptq"])
+@pytest.mark.parametrize(
+  "check",
+  ["global", pytest.param("global_gdfq", marks=pytest.mark.slow), "per_device", "topology", "ptq"],
+)
 def test_multi_device(tiny_teacher_dir, check):
   proc = subprocess.run(
     [sys.executable, os.path.join(HERE, "parallel_check.py"), tiny_teacher_dir, check],
@@ -31,7 +34,7 @@ def test_multi_device(tiny_teacher_dir, check):
   assert f"{check} OK" in proc.stdout
 
 
-def test_local_launcher_runs_demo_on_8_devices(tmp_path):
+def test_local_launcher_runs_demo_on_8_devices(tiny_teacher_dir, tmp_path):
   workdir = tmp_path / "local"
   proc = subprocess.run(
     [
@@ -43,6 +46,8 @@ def test_local_launcher_runs_demo_on_8_devices(tmp_path):
       "--config",
       "configs/demo.py",
       f"--workdir={workdir}",
+      "--config.teacher.layout=orbax",  # the session's digits teacher, not a new one
+      f"--config.teacher.weights={tiny_teacher_dir}",
       "--config.total_steps=4",
       "--config.min_phase_steps=2",
       "--config.eval_every_steps=4",
