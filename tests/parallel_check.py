@@ -62,7 +62,7 @@ def assert_scaled_close(a, b, rtol, what, per_leaf=True):
     assert err <= rtol, f"{what} {name}: {err:.2e} > {rtol}"
 
 
-def check_global(teacher_dir, methods=("adadfq",)):
+def check_global(teacher_dir, methods=("adadfq",), name="global"):
   """Each step on 8 devices equals the same step on 1 device, from the same state.
 
   AdaDFQ by default (its step holds every part of GDFQ's plus the student in the
@@ -108,11 +108,11 @@ def check_global(teacher_dir, methods=("adadfq",)):
       rel = np.linalg.norm(g8 - g1) / np.linalg.norm(g1)
       assert rel < 1e-2, f"{method} step {i} generator gradient 1 vs 8 devices: {rel:.2e}"
       assert_scaled_close(s8["student"], s1["student"], 1e-5, f"{method} step {i} student")
-  print("global OK")
+  print(f"{name} OK")
 
 
 def check_global_gdfq(teacher_dir):
-  check_global(teacher_dir, ("gdfq",))
+  check_global(teacher_dir, ("gdfq",), "global_gdfq")
 
 
 def check_per_device(teacher_dir):

@@ -389,3 +389,19 @@ def test_zeroq_initial_images_are_the_codes_255_levels_near_zero():
   assert levels.min() >= -1e-3 and levels.max() <= 254 + 1e-3
   assert -0.0236 < x.min() < -0.0230 and 0.0230 < x.max() < 0.0236
   assert abs(x.mean()) < 1e-3  # U(-0.0235, 0.0235): the code's "mean 0" (var ~1.8e-4)
+
+
+def test_synthesis_step_takes_the_teacher_weights_as_an_argument():
+  # Not a closure: XLA compiles closed-over weights as constants (a ResNet-50: ~100 s).
+  # Other weights through the same compiled step give another gradient, with no recompile.
+  model, variables = _tiny_teacher()
+  hp = synthesis.PtqHparams(**dict(config_base.PTQ_PRESETS["zeroq_ptq"], steps=1, batch_size=8))
+  synth = synthesis.make_synthesizer(hp, model, variables, jax.random.key(0), (8, 8, 3), 10)
+  labels = jnp.zeros((8,), jnp.int32)
+  other = jax.tree.map(lambda a: a * 1.5, variables)
+  outs = []
+  for weights in (variables, other):
+    carry = synth.init_carry(jax.random.key(1))
+    outs.append(np.asarray(synth.step(carry, weights, labels, jax.random.key(2))[0]["x"]))
+  assert synth.step._cache_size() == 1
+  assert np.abs(outs[0] - outs[1]).max() > 1e-3
