@@ -267,11 +267,16 @@ def plateau_update(
   return lr, best, bad
 
 
-def _slack_margins(hp: PtqHparams, teacher_apply, running, positions, key, image_shape):
-  """DSG's per-layer margins from one initial batch; (0, 0) for ZeroQ (no slack)."""
+def _slack_margins(hp: PtqHparams, apply_with, teacher_vars, positions, key, image_shape):
+  """DSG's per-layer margins from one initial batch; (0, 0) for ZeroQ (no slack).
+
+  `apply_with(variables)` is the teacher forward; the weights are an argument of the jitted
+  program (as closed-over constants XLA compiles slowly)."""
   if not hp.slack:
     return (0.0, 0.0)
-  _, ref_stats = jax.jit(teacher_apply)(initial_images(hp, key, image_shape))
+  ref_forward = jax.jit(lambda variables, x: apply_with(variables)(x))
+  _, ref_stats = ref_forward(teacher_vars, initial_images(hp, key, image_shape))
+  running = teacher_vars["batch_stats"]
   return losses.sda_margins(
     losses.to_unbiased_var(ref_stats, positions),
     running,
@@ -318,9 +323,7 @@ def make_synthesizer(
 
   positions = bn_positions(teacher, teacher_vars, image_shape)
   num_layers = len(jax.tree.leaves(positions))
-  margins = _slack_margins(
-    hp, apply_with(teacher_vars), teacher_vars["batch_stats"], positions, key, image_shape
-  )
+  margins = _slack_margins(hp, apply_with, teacher_vars, positions, key, image_shape)
   tx = optax.scale_by_adam()  # torch Adam defaults: betas (0.9, 0.999), eps 1e-8
 
   def step(carry, variables, labels, key):
