@@ -49,7 +49,7 @@ def _env(devices):
     os.environ,
     JAX_PLATFORMS="cpu",
     JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}",
   )
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # no cache shared between the layouts
   return env
@@ -205,7 +205,7 @@ def test_a_killed_process_stops_the_others_and_a_rerun_resumes(tiny_teacher_dir,
 
   workdir = tmp_path / "w"
   env = dict(_env(2), PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  env.pop("XLA_FLAGS")  # the launcher sets the device count
+  env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # the launcher adds the device count
   cmd = ["bash", "launch/local_multihost.sh", "--", *flags(workdir)]
   launcher = subprocess.Popen(
     cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

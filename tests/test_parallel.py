@@ -13,9 +13,8 @@ ROOT = os.path.dirname(HERE)
 
 
 def _env(devices):
-  return dict(
-    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-  )
+  flags = f"--xla_force_host_platform_device_count={devices} {os.environ.get('XLA_FLAGS', '')}"
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
 
 
 @pytest.mark.parametrize(
