@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from dfq_test_utils import set_values, tiny_config
+from dfq_test_utils import cli_error, set_values, tiny_cli_args, tiny_config
 
 from dfq_jax import evaluate as evaluate_lib
 from dfq_jax import mixed_grid
@@ -21,6 +21,7 @@ from dfq_jax.data import eval_set as eval_set_lib
 from dfq_jax.export.workdir import load_student
 from dfq_jax.models import get_model
 from dfq_jax.models import teacher as teacher_lib
+from dfq_jax.ptq import synthesis
 from dfq_jax.quant import mixed, numerics
 from dfq_jax.quant.config import parse_rules
 from dfq_jax.quant.layers import FULL_PRECISION, PROBE_BITS, QuantPolicy
@@ -360,8 +361,39 @@ def test_every_image_source_gives_the_asked_images(tiny_teacher_dir, source):
   assert images.shape == (16, *SHAPE) and images.dtype == np.float32
   assert np.isfinite(images).all() and images.std() > 0 and seconds >= 0
   if source == "real":  # the calib.split images, normalised as the evaluation does
-    real = eval_set_lib.real_images(config, norm, config.calib.split, 16)
-    np.testing.assert_array_equal(images, real)
+    real = eval_set_lib.real_images(config, norm, config.calib.split, 32)
+    np.testing.assert_array_equal(images, real[:16])
+  # The refinement's held-out set: as many other images of the same source.
+  held, _ = mixed.sensitivity_images(
+    config, spec, teacher_lib.load_teacher(config), SHAPE, norm, log=lambda *a: None, held_out=True
+  )
+  assert held.shape == images.shape and np.abs(held - images).max() > 0.1
+  if source == "real":  # the block after the search images
+    np.testing.assert_array_equal(held, real[16:])
+
+
+def test_a_samples_file_without_a_held_out_block_is_refused(tiny_teacher_dir, tmp_path):
+  path = str(tmp_path / "synthetic.npz")
+  images = np.random.default_rng(0).normal(size=(16, *SHAPE)).astype(np.float32)
+  synthesis.save_samples(path, images, np.zeros(16, np.int32), source="dsg")
+  config = _mixed_config(
+    tiny_teacher_dir, **{"quant.mixed.samples_path": path, "quant.mixed.refine": 1}
+  )
+  with pytest.raises(ValueError, match=r"holds 16 images.* need 32: .*refine_holdout=False"):
+    mixed.spec_from_config(config)
+  assert "refine_holdout=False" in cli_error(
+    str(tmp_path / "cli"),
+    *tiny_cli_args(tiny_teacher_dir, "eval"),
+    "--config.quant.mixed.budget_w_bits=3",
+    f"--config.quant.mixed.samples_path={path}",
+    "--config.quant.mixed.images=16",
+  )
+  # Without the held-out set (or with a file that holds it) the file is read as it is.
+  config.quant.mixed.refine_holdout = False
+  spec = mixed.spec_from_config(config)
+  norm = eval_set_lib.normalization(config)
+  got, _ = mixed.sensitivity_images(config, spec, None, SHAPE, norm)
+  np.testing.assert_array_equal(got, images)
 
 
 def test_sensitivity_is_the_mean_over_independent_image_sets(tiny_teacher_dir):
@@ -411,13 +443,9 @@ def test_refinement_moves_while_the_measured_whole_network_kl_falls(tiny_teacher
   assert rounds[0]["bits"] == [first[i] for i in allocated]
   # Every round's KL is the whole network's at its allocation, measured independently
   # (batched with other rows there, alone here: low-bit rounding flips move it ~1e-3).
+  norm = eval_set_lib.normalization(config)
   sets, _ = mixed.measurement_sets(
-    config,
-    planned,
-    teacher_lib.load_teacher(config),
-    SHAPE,
-    eval_set_lib.normalization(config),
-    log=lambda *a: None,
+    config, planned, teacher_lib.load_teacher(config), SHAPE, norm, log=lambda *a: None
   )
   (variables, images), sizes = sets[0], [slots[i].size for i in allocated]
   for r in rounds:
@@ -426,8 +454,27 @@ def test_refinement_moves_while_the_measured_whole_network_kl_falls(tiny_teacher
     row = mixed.allocation_row(config, slots, bits)[None]
     kl = mixed.measure_sensitivity(model, variables, slots, row, images)[0]
     assert kl == pytest.approx(r["kl"], rel=1e-2)
-  # Each move lowers the KL; the stored allocation is the last one.
+  # Each move lowers the KL on the search images and on the held-out set (the default
+  # quant.mixed.refine_holdout); the stored allocation is the last one.
   assert all(a["kl"] > b["kl"] for a, b in zip(rounds, rounds[1:]))
+  assert all(a["held_kl"] > b["held_kl"] for a, b in zip(rounds, rounds[1:]))
   assert [report["layers"][i]["bits"] for i in allocated] == rounds[-1]["bits"]
+  assert report["refinement"]["stopped_by"] in ("rounds", "search KL", "held-out KL", "no proposal")
+  # The held-out KL is the whole network's on other images of the source.
+  held, _ = mixed.held_out_set(
+    config, planned, teacher_lib.load_teacher(config), SHAPE, norm, log=lambda *a: None
+  )
+  assert not np.allclose(held[1], images)
+  for r in rounds:
+    row = mixed.allocation_row(config, slots, dict(zip(allocated, r["bits"])))[None]
+    kl = mixed.measure_sensitivity(model, held[0], slots, row, held[1])[0]
+    assert kl == pytest.approx(r["held_kl"], rel=1e-2)
+  # A move that would raise the held-out KL is not taken: the search stops there.
+  held_values = iter([1.0, 2.0])
+  bits, held_rounds, _, stop = mixed.refine_allocation(
+    config, planned, sets, first, log=lambda *a: None, held_kl=lambda _: next(held_values)
+  )
+  assert stop == "held-out KL" and bits == first
+  assert held_rounds == [{**rounds[0], "held_kl": 1.0}]
   with pytest.raises(ValueError, match="refine=-1 must be 0"):
     mixed.spec_from_config(_mixed_config(tiny_teacher_dir, **{"quant.mixed.refine": -1}))
