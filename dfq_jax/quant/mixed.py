@@ -157,14 +157,14 @@ def spec_from_config(config) -> MixedSpec:
     path = getattr(spec, key)
     if path and not os.path.exists(path):
       raise FileNotFoundError(f"quant.mixed.{key}={path!r} does not exist.")
-  needed, holdout = spec.images * images_needed(spec), images_needed(spec) > spec.image_sets
-  if spec.samples_path and needed > _samples_count(spec.samples_path):
+  sets = images_needed(spec)
+  if spec.samples_path and spec.images * sets > (count := _samples_count(spec.samples_path)):
+    holdout = sets > spec.image_sets
     raise ValueError(
-      f"quant.mixed.samples_path={spec.samples_path!r} holds "
-      f"{_samples_count(spec.samples_path)} images, but images={spec.images} x "
-      f"{images_needed(spec)} sets (image_sets={spec.image_sets}"
+      f"quant.mixed.samples_path={spec.samples_path!r} holds {count} images, but "
+      f"images={spec.images} x {sets} sets (image_sets={spec.image_sets}"
       + (" + 1 held-out set of refine_holdout" if holdout else "")
-      + f") need {needed}: lower quant.mixed.images"
+      + f") need {spec.images * sets}: lower quant.mixed.images"
       + (" or set quant.mixed.refine_holdout=False." if holdout else ".")
     )
   return spec

@@ -388,12 +388,21 @@ def test_a_samples_file_without_a_held_out_block_is_refused(tiny_teacher_dir, tm
     f"--config.quant.mixed.samples_path={path}",
     "--config.quant.mixed.images=16",
   )
-  # Without the held-out set (or with a file that holds it) the file is read as it is.
+  # Without the held-out set the file is read as it is.
   config.quant.mixed.refine_holdout = False
   spec = mixed.spec_from_config(config)
   norm = eval_set_lib.normalization(config)
   got, _ = mixed.sensitivity_images(config, spec, None, SHAPE, norm)
   np.testing.assert_array_equal(got, images)
+  # A file with a second block (as a refined run saves it): that block is the held-out set.
+  both = np.concatenate([images, images[::-1] + 1.0])
+  synthesis.save_samples(path, both, np.zeros(32, np.int32), source="dsg")
+  config.quant.mixed.refine_holdout = True
+  spec = mixed.spec_from_config(config)
+  got, _ = mixed.sensitivity_images(config, spec, None, SHAPE, norm)
+  held, _ = mixed.sensitivity_images(config, spec, None, SHAPE, norm, held_out=True)
+  np.testing.assert_array_equal(got, images)
+  np.testing.assert_array_equal(held, both[16:])
 
 
 def test_sensitivity_is_the_mean_over_independent_image_sets(tiny_teacher_dir):
