@@ -224,12 +224,12 @@ def _pairs(padding) -> tuple | None:
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _narrow_input(in_channels: int, groups: int, low: bool, padding, strides) -> bool:
-  """Whether a conv takes the GEMM input gradient of `narrow_input_conv`: a float32
-  strided stem conv over image channels (ImageNet ResNets 7x7/2, MobileNetV2 3x3/2; the
-  CIFAR ResNets' 3x3/1 stem measured no faster), explicit padding."""
+def _narrow_input(in_channels: int, groups: int, padding, strides) -> bool:
+  """Whether a conv takes the GEMM input gradient of `narrow_input_conv`: a strided stem
+  conv over image channels (ImageNet ResNets 7x7/2, MobileNetV2 3x3/2; the CIFAR ResNets'
+  3x3/1 stem measured no faster), explicit padding, in float32 or bfloat16."""
   narrow = in_channels <= MAX_INPUT_CHANNELS and groups == 1 and max(strides) > 1
-  return narrow and not low and _pairs(padding) is not None
+  return narrow and _pairs(padding) is not None
 
 
 def torch_kernel_init(key, shape, dtype=jnp.float32):
@@ -281,8 +281,13 @@ class QConv(nn.Module):
     if padding is None:
       padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
     x_dtype, low = x.dtype, _low_precision(self.dtype)
-    if _narrow_input(in_ch, self.feature_group_count, low, padding, self.strides):
-      y = narrow_input_conv(x, kernel, tuple(self.strides), _pairs(padding))
+    if _narrow_input(in_ch, self.feature_group_count, padding, self.strides):
+      y = narrow_input_conv(
+        x.astype(self.dtype) if low else x,
+        kernel.astype(self.dtype) if low else kernel,
+        tuple(self.strides),
+        _pairs(padding),
+      )
     else:
       y = jax.lax.conv_general_dilated(
         x.astype(self.dtype) if low else x,

@@ -27,16 +27,30 @@ import jax.numpy as jnp
 MAX_INPUT_CHANNELS = 4
 
 
+def _accumulation(dtype) -> jnp.dtype | None:
+  """float32 accumulation for a narrower compute dtype (bfloat16), else the input's."""
+  return jnp.float32 if jnp.dtype(dtype) != jnp.float32 else None
+
+
 def _conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
   return jax.lax.conv_general_dilated(
-    x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    x,
+    kernel,
+    strides,
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    preferred_element_type=_accumulation(x.dtype),
   )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def narrow_input_conv(x: jax.Array, kernel: jax.Array, strides: tuple, padding: tuple):
   """[N, H, W, ci] * [kh, kw, ci, co] -> [N, Ho, Wo, co], NHWC/HWIO, explicit padding
-  ((top, bottom), (left, right)); the input gradient as a GEMM plus shifted adds."""
+  ((top, bottom), (left, right)); the input gradient as a GEMM plus shifted adds.
+
+  x and kernel in float32, or both in bfloat16 (the `compute_dtype=bfloat16` policy): then
+  the forward, the GEMM and the kernel gradient accumulate in float32 and the output is
+  float32, like QConv's `preferred_element_type` path."""
   return _conv(x, kernel, strides, padding)
 
 
@@ -49,13 +63,15 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides, padding, in_hw) -> ja
   kh, kw, ci, _ = kernel.shape
   (sh, sw), ((top, _), (left, _)) = strides, padding
   n, ho, wo, _ = dy.shape
-  p = jnp.einsum("nhwo,abio->nhwabi", dy, kernel)  # [N, Ho, Wo, kh, kw, ci]: one GEMM
+  acc_dtype = _accumulation(kernel.dtype)
+  dy = dy.astype(kernel.dtype)  # [N, Ho, Wo, kh, kw, ci]: one GEMM
+  p = jnp.einsum("nhwo,abio->nhwabi", dy, kernel, preferred_element_type=acc_dtype)
   rows, cols = -(-kh // sh), -(-kw // sw)  # taps per residue class
   mh, mw = ho - 1 + rows, wo - 1 + cols
   classes = []
   for r in range(sh):
     for t in range(sw):
-      acc = jnp.zeros((n, mh, mw, ci), dy.dtype)
+      acc = jnp.zeros((n, mh, mw, ci), p.dtype)
       for a in range(rows):
         for b in range(cols):
           i, j = sh * a + r, sw * b + t
@@ -74,8 +90,8 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides, padding, in_hw) -> ja
 def _bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   dx = _input_grad(dy, kernel, strides, padding, x.shape[1:3]).astype(x.dtype)
-  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
-  return dx, kernel_vjp(dy)[0]
+  y, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+  return dx, kernel_vjp(dy.astype(y.dtype))[0]
 
 
 narrow_input_conv.defvjp(_fwd, _bwd)

@@ -57,3 +57,53 @@ def test_qconv_stem_takes_the_gemm_gradient_and_keeps_the_convolution(monkeypatc
     z = jnp.ones((1, 8, 8, width))
     conv.apply(conv.init(jax.random.key(0), z), z)
   assert len(calls) == 1
+
+
+def test_bfloat16_inputs_accumulate_in_float32_and_match_the_low_precision_convolution():
+  """Under compute_dtype=bfloat16 the stem takes the GEMM form too: same values as XLA's
+  bf16 convolution with float32 accumulation, up to bf16 rounding of the products."""
+  strides, padding = (2, 2), ((3, 3), (3, 3))
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 20, 20, 3), np.float32))
+  k = jnp.asarray(rng.standard_normal((7, 7, 3, 8), np.float32))
+
+  def lax_bf16(x, k):
+    return jax.lax.conv_general_dilated(
+      x.astype(jnp.bfloat16),
+      k.astype(jnp.bfloat16),
+      strides,
+      padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=jnp.float32,
+    )
+
+  def ours(x, k):
+    return narrow_input_conv(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), strides, padding)
+
+  y_ref, vjp_ref = jax.vjp(lax_bf16, x, k)
+  y, vjp = jax.vjp(ours, x, k)
+  assert y.dtype == jnp.float32
+  np.testing.assert_array_equal(y, y_ref)  # the same convolution call
+  dy = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert got.dtype == want.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, atol=1e-2 * float(jnp.abs(want).max()))
+  # ...and within bf16 rounding of the float32 gradient.
+  dx32 = jax.vjp(lambda x: _lax(x, k, strides, padding), x)[1](dy)[0]
+  got = vjp(dy)[0]
+  np.testing.assert_allclose(got, dx32, atol=2e-2 * float(jnp.abs(dx32).max()))
+  assert float(jnp.abs(got - dx32).max()) > 0  # it really ran in bfloat16
+
+
+def test_qconv_bfloat16_stem_takes_the_gemm_gradient(monkeypatch):
+  calls = []
+  original = module.narrow_input_conv
+  monkeypatch.setattr(
+    layers, "narrow_input_conv", lambda *a: calls.append(a[0].dtype) or original(*a)
+  )
+  stem = layers.QConv(8, (7, 7), (2, 2), padding=((3, 3), (3, 3)), dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3), np.float32))
+  variables = stem.init(jax.random.key(0), x)
+  y = stem.apply(variables, x)
+  assert y.dtype == jnp.float32
+  assert calls[-1] == jnp.bfloat16
