@@ -61,7 +61,8 @@ KINDS = {"w": "weight", "a": "activation"}
 
 @dataclasses.dataclass(frozen=True)
 class MixedSpec:
-  """config.quant.mixed, validated. A budget of 0 leaves that kind uniform."""
+  """config.quant.mixed, validated (`spec_from_config`; the defaults live in the config
+  only). A budget of 0 leaves that kind uniform."""
 
   budget_w_bits: float
   budget_a_bits: float
@@ -71,9 +72,9 @@ class MixedSpec:
   images: int
   samples_path: str
   sensitivity_path: str
-  image_sets: int = 1
-  refine: int = 0
-  refine_holdout: bool = False
+  image_sets: int
+  refine: int
+  refine_holdout: bool
 
   def budget(self, kind: str) -> float:
     return self.budget_w_bits if kind == "w" else self.budget_a_bits
