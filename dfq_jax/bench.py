@@ -249,8 +249,14 @@ def synthesis_speed(config, batch: int | None, steps: int, warmup: int) -> dict:
 def accuracy(
   config, methods_: list[str], bits: list[str], steps: int, seeds: int, out: str
 ) -> dict:
-  """Runs the methods x bits x seeds grid; writes grid.json and grid.md under `out`."""
+  """Runs the methods x bits x seeds grid; writes grid.json and grid.md under `out`.
+
+  The tables keep the cells of earlier grids in `out` that this one does not request
+  (another method or bit-width); a requested cell is summarised anew from its runs.
+  Returns the table written.
+  """
   os.makedirs(out, exist_ok=True)
+  earlier = _earlier_grid(os.path.join(out, "grid.json"))
   cells = {}
   for m in methods_:
     for b in bits:
@@ -272,13 +278,13 @@ def accuracy(
         else:
           runs.append(run_lib.run(c, workdir))
       cells[f"{m},{b}"] = runs
-  table = {}
+  table = {key: cell for key, cell in earlier.items() if key not in cells}
   for key, runs in cells.items():
 
     def stat(name, runs=runs):
       values = [r[name] for r in runs]
       std = statistics.stdev(values) if len(values) > 1 else 0.0
-      return statistics.mean(values), std
+      return [statistics.mean(values), std]  # as grid.json holds it
 
     table[key] = {
       "final_top1": stat("final_top1"),
@@ -305,6 +311,24 @@ def accuracy(
   lines.append("\n* best: selected on the evaluation set, as the papers report.")
   with open(os.path.join(out, "grid.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+  return table
+
+
+def _earlier_grid(path: str) -> dict:
+  """The cells of an earlier grid.json in the output folder ({} if there is none);
+  checked before any run, so an unreadable file stops the grid before it trains."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      table = json.load(f)
+    if not all(isinstance(cell, dict) and "final_top1" in cell for cell in table.values()):
+      raise ValueError("a cell without final_top1")
+  except (ValueError, AttributeError) as e:
+    raise ValueError(
+      f"{path} is not a grid table of `bench accuracy` ({e}): move it away or choose "
+      "another --out (its runs' results.json files are read back either way)."
+    ) from e
   return table
 
 

@@ -75,6 +75,30 @@ def test_accuracy_grid_reads_finished_cells_back(tiny_teacher_dir, tmp_path, mon
     bench.accuracy(other, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
 
 
+def test_accuracy_grid_keeps_the_cells_of_an_earlier_grid(tiny_teacher_dir, tmp_path):
+  """A second grid into the same folder (another bit-width) adds its cells to grid.json
+  and grid.md instead of dropping the first grid's; an unreadable grid.json is refused
+  before anything trains."""
+  from dfq_test_utils import tiny_config
+
+  from dfq_jax import bench
+
+  config = tiny_config(tiny_teacher_dir, total_steps=2, eval_every_steps=2, sample_every_steps=0)
+  first = bench.accuracy(config, ["gdfq"], ["w4a4"], 2, 1, str(tmp_path))
+  both = bench.accuracy(config, ["gdfq"], ["w3a3"], 2, 1, str(tmp_path))
+  assert set(both) == {"gdfq,w4a4", "gdfq,w3a3"} and both["gdfq,w4a4"] == first["gdfq,w4a4"]
+  written = json.loads((tmp_path / "grid.json").read_text())
+  assert set(written) == {"gdfq,w4a4", "gdfq,w3a3"}
+  md = (tmp_path / "grid.md").read_text()
+  assert "| gdfq | W4A4 |" in md and "| gdfq | W3A3 |" in md
+  (tmp_path / "grid.json").write_text("[1, 2")
+  before = sorted(os.listdir(tmp_path))
+  with pytest.raises(ValueError, match="grid.json is not a grid table.*move it away"):
+    bench.accuracy(config, ["gdfq"], ["w8a8"], 2, 1, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == before  # nothing ran, nothing was written
+  assert (tmp_path / "grid.json").read_text() == "[1, 2"
+
+
 def test_curves_draws_top1_against_iterations(tmp_path):
   from PIL import Image
 
