@@ -63,8 +63,9 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides, padding, in_hw) -> ja
   kh, kw, ci, _ = kernel.shape
   (sh, sw), ((top, _), (left, _)) = strides, padding
   n, ho, wo, _ = dy.shape
+  dy = dy.astype(kernel.dtype)  # bf16 operands under the bf16 policy, f32 accumulation
   acc_dtype = _accumulation(kernel.dtype)
-  dy = dy.astype(kernel.dtype)  # [N, Ho, Wo, kh, kw, ci]: one GEMM
+  # One GEMM: p [N, Ho, Wo, kh, kw, ci].
   p = jnp.einsum("nhwo,abio->nhwabi", dy, kernel, preferred_element_type=acc_dtype)
   rows, cols = -(-kh // sh), -(-kw // sw)  # taps per residue class
   mh, mw = ho - 1 + rows, wo - 1 + cols
@@ -90,8 +91,8 @@ def _input_grad(dy: jax.Array, kernel: jax.Array, strides, padding, in_hw) -> ja
 def _bwd(strides, padding, residuals, dy):
   x, kernel = residuals
   dx = _input_grad(dy, kernel, strides, padding, x.shape[1:3]).astype(x.dtype)
-  y, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
-  return dx, kernel_vjp(dy.astype(y.dtype))[0]
+  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+  return dx, kernel_vjp(dy)[0]
 
 
 narrow_input_conv.defvjp(_fwd, _bwd)
