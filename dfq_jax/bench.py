@@ -319,16 +319,21 @@ def _earlier_grid(path: str) -> dict:
   checked before any run, so an unreadable file stops the grid before it trains."""
   if not os.path.exists(path):
     return {}
+  why = ""
   try:
     with open(path) as f:
       table = json.load(f)
-    if not all(isinstance(cell, dict) and "final_top1" in cell for cell in table.values()):
-      raise ValueError("a cell without final_top1")
-  except (ValueError, AttributeError) as e:
+  except ValueError as e:
+    why = str(e)
+  else:
+    cells = table.values() if isinstance(table, dict) else [None]
+    if not all(isinstance(cell, dict) and "final_top1" in cell for cell in cells):
+      why = "not a {cell: summary} object"
+  if why:
     raise ValueError(
-      f"{path} is not a grid table of `bench accuracy` ({e}): move it away or choose "
+      f"{path} is not a grid table of `bench accuracy` ({why}): move it away or choose "
       "another --out (its runs' results.json files are read back either way)."
-    ) from e
+    )
   return table
 
 

@@ -91,12 +91,13 @@ def test_accuracy_grid_keeps_the_cells_of_an_earlier_grid(tiny_teacher_dir, tmp_
   assert set(written) == {"gdfq,w4a4", "gdfq,w3a3"}
   md = (tmp_path / "grid.md").read_text()
   assert "| gdfq | W4A4 |" in md and "| gdfq | W3A3 |" in md
-  (tmp_path / "grid.json").write_text("[1, 2")
   before = sorted(os.listdir(tmp_path))
-  with pytest.raises(ValueError, match="grid.json is not a grid table.*move it away"):
-    bench.accuracy(config, ["gdfq"], ["w8a8"], 2, 1, str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == before  # nothing ran, nothing was written
-  assert (tmp_path / "grid.json").read_text() == "[1, 2"
+  for text in ("[1, 2", "[1, 2]", '{"gdfq,w8a8": 3}'):  # broken JSON, not a table
+    (tmp_path / "grid.json").write_text(text)
+    with pytest.raises(ValueError, match="grid.json is not a grid table.*move it away"):
+      bench.accuracy(config, ["gdfq"], ["w8a8"], 2, 1, str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before  # nothing ran, nothing was written
+    assert (tmp_path / "grid.json").read_text() == text
 
 
 def test_curves_draws_top1_against_iterations(tmp_path):
