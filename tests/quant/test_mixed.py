@@ -232,7 +232,14 @@ def _check_export(workdir, student, out):
     theirs = runtime.session(f.read(), optimize=False).run(
       None, {"input": np.ascontiguousarray(x.transpose(0, 3, 1, 2))}
     )[0]
-  assert np.mean(np.abs(theirs - ours) < 1e-5 * np.abs(ours).max()) > 0.95
+  # Each sample's logits to float32 rounding, except where an activation sits on a rounding
+  # boundary: that one flip moves the sample's logits by a fraction of a quantization step
+  # (measured on the AMD EPYC machine: 1 sample of 8). As in tests/export/test_export.py.
+  scale = np.abs(ours).max()
+  exact = np.all(np.abs(theirs - ours) < 1e-5 * scale, axis=1)
+  assert exact.mean() >= 0.75, exact
+  assert np.abs(theirs - ours).max() < 1e-2 * scale
+  assert np.mean(theirs.argmax(1) == ours.argmax(1)) >= 0.875
 
 
 def test_a_mixed_run_evaluates_and_stores_the_allocated_bits(tiny_teacher_dir, tmp_path):
