@@ -7,6 +7,14 @@ and warm-up), images_per_s, compile_s, flops_per_step (XLA cost analysis of the 
 step), achieved GFLOP/s, peak host memory, device kind and count. The teacher's weights
 do not change the speed: without --config.teacher.weights a random teacher is used.
 
+  python -m dfq_jax.bench profile --config configs/cifar10_resnet20.py:adadfq,w4a4 \
+      [--batch 200] [--steps 3] [--warmup 2] [--top 15] [--out runs/profile]
+traces --steps compiled iterations with jax.profiler (trace under OUT/trace, open it in
+Perfetto; the compiled HLO in OUT/step.hlo.txt) and prints one JSON line: the XLA
+thunks' time per step summed over threads, by op kind (the thunk name without its
+number: transpose_copy_fusion, convolution, ...) and the --top thunks with the JAX op each
+came from (HLO metadata), each with its share of the summed thunk time.
+
   python -m dfq_jax.bench accuracy --config configs/cifar10_resnet20.py \
       --methods gdfq,dsg,adadfq --bits w4a4,w3a3 --steps 2000 --seeds 3 --out runs/grid \
       --config.teacher.weights=... --config.data.root=...
@@ -58,7 +66,10 @@ reference runs float32 whatever compute_dtype says.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import glob
+import gzip
 import json
 import os
 import re
@@ -89,7 +100,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "speed: untimed iterations after com
 _METHODS = flags.DEFINE_list("methods", ["gdfq", "dsg", "adadfq"], "accuracy: methods.")
 _BITS = flags.DEFINE_list("bits", ["w4a4", "w3a3"], "accuracy, ptq: bit-widths.")
 _SEEDS = flags.DEFINE_integer("seeds", 1, "accuracy: seeds 0..K-1 per cell.")
-_OUT = flags.DEFINE_string("out", "runs/grid", "accuracy, ptq: output directory.")
+_OUT = flags.DEFINE_string(
+  "out", "runs/grid", "accuracy, ptq, profile: output directory (profile: runs/profile)."
+)
 _OBSERVERS = flags.DEFINE_list(
   "observers",
   ["minmax", "sample_mean", "percentile", "mse"],
@@ -102,6 +115,7 @@ _BUDGETS = flags.DEFINE_list(
 _SOURCES = flags.DEFINE_list("sources", ["dsg"], "mixed: sensitivity image sources.")
 _RUNS = flags.DEFINE_list("runs", [], "curves: workdirs of training runs.")
 _LABELS = flags.DEFINE_list("labels", [], "curves: one label per run (default: dir name).")
+_TOP = flags.DEFINE_integer("top", 15, "profile: thunks (and op kinds) listed.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "compare, synth: alternating rounds (JAX, torch) each.")
 _TORCH_PYTHON = flags.DEFINE_string(
   "torch_python", sys.executable, "compare, synth: Python executable that has torch installed."
@@ -134,22 +148,22 @@ def _teacher_variables(config) -> dict:
   return init(jax.random.key(0), np.zeros(shape, np.float32))
 
 
-def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
-  """Times the full training iteration (generator step + student step)."""
+def _compiled_training_step(config, batch: int | None):
+  """(compiled step, state, teacher, constants, compile_s): the iteration `speed` times
+  (frozen activation ranges, the state of 99 % of a run)."""
   if batch:
     config.batch_size = batch
   models = networks.build_models(config, _teacher_variables(config))
   setup = trainer.setup_training(config, models)
-  state, teacher, constants, step = (
-    setup.state,
-    setup.teacher_vars,
-    setup.constants,
-    setup.step_fn,
-  )
-
+  state, teacher, constants = setup.state, setup.teacher_vars, setup.constants
   t0 = time.perf_counter()
-  compiled = step.lower(state, teacher, constants, True, False).compile()
-  compile_s = time.perf_counter() - t0
+  compiled = setup.step_fn.lower(state, teacher, constants, True, False).compile()
+  return compiled, state, teacher, constants, time.perf_counter() - t0
+
+
+def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
+  """Times the full training iteration (generator step + student step)."""
+  compiled, state, teacher, constants, compile_s = _compiled_training_step(config, batch)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float((cost or {}).get("flops", float("nan")))
@@ -179,6 +193,95 @@ def speed(config, batch: int | None, steps: int, warmup: int) -> dict:
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),
     "timed_steps": steps,
+  }
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ", re.M)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_NUMBER_SUFFIX = re.compile(r"[._]\d+$")
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op it came from (its metadata op_name, or '')."""
+  names = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      op = _OP_NAME.search(line)
+      names[m.group(1)] = op.group(1) if op else ""
+  return names
+
+
+def thunk_times(trace_dir: str, instructions) -> dict[str, float]:
+  """Total duration (microseconds, summed over threads) of each trace event named after
+  one of `instructions`, in the newest Perfetto trace (*.trace.json.gz) under trace_dir."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not files:
+    raise ValueError(f"no *.trace.json.gz under {trace_dir}: the profiler wrote no trace.")
+  with gzip.open(max(files, key=os.path.getmtime), "rt") as f:
+    events = json.load(f).get("traceEvents", [])
+  totals = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("name") in instructions:
+      totals[e["name"]] += float(e.get("dur", 0.0))
+  return dict(totals)
+
+
+def profile(config, batch: int | None, steps: int, warmup: int, out: str, top: int) -> dict:
+  """Where the training iteration's time goes: XLA thunk times of `steps` traced steps."""
+  if steps < 1 or top < 1:
+    raise ValueError(f"--steps={steps} / --top={top}: both must be >= 1.")
+  compiled, state, teacher, constants, compile_s = _compiled_training_step(config, batch)
+  hlo = compiled.as_text()
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "step.hlo.txt"), "w") as f:
+    f.write(hlo)
+  op_names = hlo_op_names(hlo)
+  for _ in range(warmup):
+    state, metrics = compiled(state, teacher, constants)
+  jax.block_until_ready(state)
+  trace_dir = os.path.join(out, "trace")
+  t0 = time.perf_counter()
+  jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+  try:
+    for _ in range(steps):
+      state, metrics = compiled(state, teacher, constants)
+    jax.block_until_ready(metrics)
+  finally:
+    jax.profiler.stop_trace()
+  traced_s = time.perf_counter() - t0
+  per_thunk = thunk_times(trace_dir, op_names)
+  if not per_thunk:
+    raise ValueError(
+      f"the trace under {trace_dir} names none of the step's HLO instructions (XLA:CPU "
+      "thunks); on this backend open the trace in Perfetto instead."
+    )
+  total = sum(per_thunk.values())
+  kinds = collections.Counter()
+  for name, us in per_thunk.items():
+    kinds[_NUMBER_SUFFIX.sub("", name)] += us
+
+  def entry(us):
+    return {"ms_per_step": us / steps / 1e3, "share": us / total}
+
+  return {
+    "method": config.method,
+    "bits": f"w{config.quant.w_bits}a{config.quant.a_bits}",
+    "model": config.teacher.model,
+    "batch": config.batch_size,
+    "traced_steps": steps,
+    "traced_wall_s_per_step": traced_s / steps,
+    "compile_s": compile_s,
+    "thunk_ms_per_step": total / steps / 1e3,
+    "distinct_thunks": len(per_thunk),
+    "by_kind": [{"kind": k, **entry(us)} for k, us in kinds.most_common(top)],
+    "top_thunks": [
+      {"thunk": n, "op_name": op_names[n], **entry(us)}
+      for n, us in collections.Counter(per_thunk).most_common(top)
+    ],
+    "trace_dir": trace_dir,
+    "hlo": os.path.join(out, "step.hlo.txt"),
+    "device_kind": jax.devices()[0].device_kind,
   }
 
 
@@ -608,7 +711,7 @@ def _print_row(fn, *args) -> None:
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # runs print progress and results, not INFO
-  commands = ("speed", "accuracy", "compare", "synth", "ptq", "mixed", "curves", "convs")
+  commands = ("speed", "profile", "accuracy", "compare", "synth", "ptq", "mixed", "curves", "convs")
   if len(argv) != 2 or argv[1] not in commands + ("synth_speed",):
     raise app.UsageError(
       f"usage: python -m dfq_jax.bench {'|'.join(commands)} --config FILE[:args] ..."
@@ -636,6 +739,9 @@ def main(argv):
     raise app.UsageError("--config is required, e.g. configs/cifar10_resnet20.py:adadfq,w4a4")
   if argv[1] == "speed":
     print(json.dumps(speed(config, _BATCH.value, _STEPS.value, _WARMUP.value)))
+  elif argv[1] == "profile":
+    out = _OUT.value if flags.FLAGS["out"].present else os.path.join("runs", "profile")
+    _print_row(profile, config, _BATCH.value, _STEPS.value, _WARMUP.value, out, _TOP.value)
   elif argv[1] in ("compare", "synth"):
     config_arg, overrides = _config_args(sys.argv[1:])
     args = (config, config_arg, overrides, _BATCH.value, _STEPS.value, _WARMUP.value)
