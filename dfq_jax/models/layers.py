@@ -19,17 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from dfq_jax.quant.layers import QConv, QuantAct
-from dfq_jax.stats import combine_moments
+from dfq_jax.stats import batch_normalize, combine_moments, spatial_moments
 
 BN_STATS = "bn_stats"
-
-
-def _per_sample_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  x = x.astype(jnp.float32)
-  axes = tuple(range(1, x.ndim - 1))
-  mean = jnp.mean(x, axis=axes)
-  var = jnp.mean(jnp.square(x - jnp.expand_dims(mean, axes)), axis=axes)
-  return mean, var
 
 
 def batch_moments(bn_stats):
@@ -76,12 +68,16 @@ class BatchNorm(nn.Module):
     elif self.use_running_average:
       raise ValueError("BatchNorm without running statistics must run in train mode.")
     if self.is_mutable_collection(BN_STATS) and not self.is_initializing():
-      mean_b, var_b = _per_sample_moments(x)
+      mean_b, var_b = spatial_moments(x.astype(jnp.float32))
       self.put_variable(BN_STATS, "mean", mean_b)
       self.put_variable(BN_STATS, "var", var_b)
 
+    x_hat = None
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
+    elif self.axis_name is None and x.dtype == jnp.float32:
+      # One device: the closed-form backward (dfq_jax.stats.batch_normalize).
+      x_hat, mean, var = batch_normalize(x, self.epsilon)
     else:
       xf = x.astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))
@@ -94,6 +90,7 @@ class BatchNorm(nn.Module):
         var = jnp.mean(jnp.square(xf - mean), axis=axes)
       else:
         var = jnp.maximum(sq - jnp.square(mean), 0.0)
+    if not self.use_running_average:
       if (
         self.track_running_stats
         and self.is_mutable_collection("batch_stats")
@@ -105,7 +102,9 @@ class BatchNorm(nn.Module):
         ra_mean.value = (1 - m) * ra_mean.value + m * mean
         ra_var.value = (1 - m) * ra_var.value + m * unbiased
 
-    y = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
+    if x_hat is None:
+      x_hat = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
+    y = x_hat
     if self.use_scale:
       y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32).astype(x.dtype)
     if self.use_bias:
