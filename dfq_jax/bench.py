@@ -711,6 +711,7 @@ def _print_row(fn, *args) -> None:
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # runs print progress and results, not INFO
+  xla_options.limit_host_blas_threads()
   commands = ("speed", "profile", "accuracy", "compare", "synth", "ptq", "mixed", "curves", "convs")
   if len(argv) != 2 or argv[1] not in commands + ("synth_speed",):
     raise app.UsageError(

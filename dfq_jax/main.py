@@ -6,6 +6,8 @@ teacher trained on scikit-learn's digits, quantized to W2A2 without data, offlin
 Overrides: --config.key=value (unknown keys are an error). --restart moves an existing
 run in --workdir aside (to DIR/previous-<time>/) instead of refusing a changed config.
 Compiled steps are cached in ~/.cache/dfq_jax/xla (JAX_COMPILATION_CACHE_DIR overrides).
+On the CPU backend the host BLAS/LAPACK runs one thread beside XLA's (OPENBLAS_NUM_THREADS
+or OMP_NUM_THREADS override; dfq_jax.xla_options.limit_host_blas_threads).
 Multi-host: set DFQ_DISTRIBUTED=1 (the launch/ scripts do) to call
 jax.distributed.initialize() first.
 Logging: the libraries' INFO records (orbax's checkpoint bookkeeping, absl) are off unless
@@ -23,7 +25,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfq_jax import config_base, parallel
+from dfq_jax import config_base, parallel, xla_options
 from dfq_jax import run as run_lib
 from dfq_jax.interfaces import NonFiniteError, Preempted
 
@@ -102,6 +104,7 @@ def main(argv):
     print(config_base.describe(_CONFIG.value))
     return
   _initialize_distributed()
+  xla_options.limit_host_blas_threads()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Resumed and repeated runs reuse compiled steps (compilation takes 10-60 s on CPU).
     jax.config.update(

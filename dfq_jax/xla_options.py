@@ -10,6 +10,10 @@ README's speed section). `cpu_conv_kernels` selects this:
 
 The options only touch XLA:CPU; on GPU/TPU nothing is passed. A user's own
 `--xla_cpu_experimental_ynn_fusion_type` in XLA_FLAGS always wins.
+
+`limit_host_blas_threads` keeps the host LAPACK that XLA:CPU's linear-algebra custom calls
+run in (scipy's OpenBLAS: `jnp.linalg.eigh` in DSG's SCI term) to one thread, so its own
+thread pool does not compete with XLA's intra-op threads for the same cores.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+import scipy.linalg.cython_lapack  # noqa: F401  (loads the LAPACK jax's CPU linalg calls)
+import threadpoolctl
 
 CPU_CONV_KERNELS = ("eigen", "ynn")
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
@@ -58,3 +64,23 @@ def compiler_options(cpu_conv_kernels: str = "eigen") -> dict | None:
   if _YNN_FLAG in os.environ.get("XLA_FLAGS", ""):
     return None
   return dict(_EIGEN_CONVS) if _accepted(tuple(_EIGEN_CONVS.items())) else None
+
+
+# A user's own thread settings for OpenBLAS win over `limit_host_blas_threads`.
+BLAS_THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")
+
+
+def limit_host_blas_threads() -> threadpoolctl.threadpool_limits | None:
+  """One thread for the host BLAS/LAPACK libraries of this process, on the CPU backend.
+
+  XLA:CPU runs `jnp.linalg` ops (eigh, ...) as custom calls into scipy's OpenBLAS. With its
+  default thread count OpenBLAS starts its own pool for a 64x64 eigh, whose threads keep
+  spinning after the call and take the cores from XLA's convolutions that run next. Called
+  by the CLI entry points (`dfq_jax.main`, `dfq_jax.bench`) before any work; library users
+  call it themselves. Does nothing (returns None) off the CPU backend or when the user set
+  OPENBLAS_NUM_THREADS or OMP_NUM_THREADS. Returns the limiter; its
+  `restore_original_limits()` undoes it.
+  """
+  if jax.default_backend() != "cpu" or any(v in os.environ for v in BLAS_THREAD_VARIABLES):
+    return None
+  return threadpoolctl.threadpool_limits(limits=1, user_api="blas")

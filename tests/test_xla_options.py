@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import threadpoolctl
 
 from dfq_jax import xla_options
 
@@ -69,3 +70,44 @@ def test_rejected_options_fall_back_to_defaults(monkeypatch, caplog):
     assert "XLA rejects the compiler options" in caplog.text
   finally:
     xla_options._accepted.cache_clear()
+
+
+def _blas_threads():
+  return {
+    i["filepath"]: i["num_threads"]
+    for i in threadpoolctl.threadpool_info()
+    if i["user_api"] == "blas"
+  }
+
+
+def test_limit_host_blas_threads_sets_one_thread_keeps_results_and_restores(monkeypatch):
+  for name in xla_options.BLAS_THREAD_VARIABLES:
+    monkeypatch.delenv(name, raising=False)
+  before = _blas_threads()
+  # The LAPACK that XLA:CPU's eigh calls is scipy's OpenBLAS, loaded by xla_options.
+  assert any("scipy" in path for path in before), before
+  a = jax.random.normal(jax.random.key(0), (64, 64))
+  a = a @ a.T
+  w_before = np.asarray(jnp.linalg.eigh(a)[0])
+  limiter = xla_options.limit_host_blas_threads()
+  try:
+    assert limiter is not None
+    assert set(_blas_threads().values()) == {1}
+    w_after = np.asarray(jax.jit(jnp.linalg.eigh)(a)[0])
+    np.testing.assert_allclose(w_after, w_before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+      w_after, np.linalg.eigvalsh(np.asarray(a, np.float64)), rtol=1e-3, atol=1e-3
+    )
+  finally:
+    limiter.restore_original_limits()
+  assert _blas_threads() == before
+
+
+@pytest.mark.parametrize("name", xla_options.BLAS_THREAD_VARIABLES)
+def test_a_users_blas_thread_setting_wins(monkeypatch, name):
+  for other in xla_options.BLAS_THREAD_VARIABLES:
+    monkeypatch.delenv(other, raising=False)
+  monkeypatch.setenv(name, "3")
+  before = _blas_threads()
+  assert xla_options.limit_host_blas_threads() is None
+  assert _blas_threads() == before
