@@ -72,25 +72,10 @@ class BatchNorm(nn.Module):
       self.put_variable(BN_STATS, "mean", mean_b)
       self.put_variable(BN_STATS, "var", var_b)
 
-    x_hat = None
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    elif self.axis_name is None and x.dtype == jnp.float32:
-      # One device: the closed-form backward (dfq_jax.stats.batch_normalize).
-      x_hat, mean, var = batch_normalize(x, self.epsilon)
+      x_hat = _normalize(x, ra_mean.value, ra_var.value, self.epsilon)
     else:
-      xf = x.astype(jnp.float32)
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axis=axes)
-      sq = jnp.mean(jnp.square(xf), axis=axes)
-      if self.axis_name is not None:
-        mean, sq = jax.lax.pmean((mean, sq), self.axis_name)
-      # Centred second pass for accuracy (single device); E[x^2]-E[x]^2 across devices.
-      if self.axis_name is None:
-        var = jnp.mean(jnp.square(xf - mean), axis=axes)
-      else:
-        var = jnp.maximum(sq - jnp.square(mean), 0.0)
-    if not self.use_running_average:
+      x_hat, mean, var = self._normalize_with_batch_statistics(x)
       if (
         self.track_running_stats
         and self.is_mutable_collection("batch_stats")
@@ -101,15 +86,35 @@ class BatchNorm(nn.Module):
         m = self.momentum
         ra_mean.value = (1 - m) * ra_mean.value + m * mean
         ra_var.value = (1 - m) * ra_var.value + m * unbiased
-
-    if x_hat is None:
-      x_hat = (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + self.epsilon).astype(x.dtype)
     y = x_hat
     if self.use_scale:
       y = y * self.param("scale", nn.initializers.ones, (channels,), jnp.float32).astype(x.dtype)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(x.dtype)
     return y
+
+  def _normalize_with_batch_statistics(self, x: jax.Array):
+    """(x_hat, batch mean [C], biased batch var [C]) in train mode.
+
+    One device in float32: `batch_normalize` (closed-form backward). Otherwise the moments
+    in float32: a centred second pass on one device, E[x^2] - E[x]^2 across devices.
+    """
+    if self.axis_name is None and x.dtype == jnp.float32:
+      return batch_normalize(x, self.epsilon)
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes)
+    if self.axis_name is None:
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+    else:
+      mean, sq = jax.lax.pmean((mean, jnp.mean(jnp.square(xf), axis=axes)), self.axis_name)
+      var = jnp.maximum(sq - jnp.square(mean), 0.0)
+    return _normalize(x, mean, var, self.epsilon), mean, var
+
+
+def _normalize(x: jax.Array, mean: jax.Array, var: jax.Array, epsilon: float) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) in x's dtype; mean, var [C] float32."""
+  return (x - mean.astype(x.dtype)) * jax.lax.rsqrt(var + epsilon).astype(x.dtype)
 
 
 def projection_shortcut(x: jax.Array, features: int, stride: int, quant, train: bool, dtype=None):
