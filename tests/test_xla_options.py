@@ -1,6 +1,8 @@
 """XLA compiler options of the hot loops (dfq_jax/xla_options.py)."""
 
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +113,29 @@ def test_a_users_blas_thread_setting_wins(monkeypatch, name):
   before = _blas_threads()
   assert xla_options.limit_host_blas_threads() is None
   assert _blas_threads() == before
+
+
+_ENTRY_POINT = """
+import sys
+from absl import app
+from dfq_jax import xla_options, {module} as entry
+
+def limited():
+  print("host BLAS limited before any work")
+  sys.exit(0)
+
+xla_options.limit_host_blas_threads = limited
+sys.argv = {argv}
+app.run(entry.main)
+"""
+
+
+@pytest.mark.parametrize(
+  "module, argv",
+  [("main", ["main", "--workdir", "unused"]), ("bench", ["bench", "speed"])],
+)
+def test_the_cli_entry_points_limit_the_host_blas_threads_first(module, argv):
+  code = _ENTRY_POINT.format(module=module, argv=argv)
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert "host BLAS limited before any work" in done.stdout
